@@ -1,0 +1,170 @@
+"""The one configuration record of bacon-sglang: which policy, which budget, which window.
+
+It is parsed once, from SGLang's command line (``--kv-*`` flags), from ``sglang.Engine``
+keyword arguments, or from a dict; it is frozen and travels to SGLang's subprocesses on the
+``ServerArgs`` record (see ``patches/server_args.py``). No SGLang import here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+POLICY_NAMES: tuple[str, ...] = ("none", "snapkv", "bacon")
+
+# Flag name -> (config field, help text). The flags, the Engine keyword arguments and the
+# per-request override keys are all derived from this one table.
+FLAGS: dict[str, tuple[str, str]] = {
+    "--kv-policy": (
+        "policy",
+        "KV-cache compression policy applied at the end of prefill: none (default: SGLang as "
+        "without the plugin), snapkv, or bacon.",
+    ),
+    "--kv-budget": (
+        "budget",
+        "Prompt tokens kept per KV head per layer, counting the observation window (default "
+        "64). A value strictly between 0 and 1 keeps that fraction of the compressible prompt.",
+    ),
+    "--kv-window": ("window", "Observation window: the last N prompt tokens (default 32)."),
+    "--kv-pool-kernel": (
+        "pool_kernel",
+        "Average-pool kernel along the token axis for scores (odd, default 5).",
+    ),
+    "--kv-min-prompt": (
+        "min_prompt",
+        "Prompts (private part) shorter than this are never compressed (default: budget + window).",
+    ),
+}
+
+
+class ConfigError(ValueError):
+    """A bad ``--kv-*`` value; the message names the flag and fits on one line."""
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Validated KV-compression settings.
+
+    ``budget`` is either an int >= ``window`` (tokens kept per KV head per layer, window
+    included) or a float in (0, 1) (a fraction of the compressible prompt).
+    ``min_prompt`` is always resolved (never None) after construction.
+    """
+
+    policy: str = "none"
+    budget: int | float = 64
+    window: int = 32
+    pool_kernel: int = 5
+    min_prompt: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICY_NAMES:
+            raise ConfigError(
+                f"--kv-policy: unknown policy {self.policy!r}; choose one of "
+                f"{', '.join(POLICY_NAMES)}"
+            )
+        _require_int("--kv-window", self.window, minimum=1)
+        _require_int("--kv-pool-kernel", self.pool_kernel, minimum=1)
+        if self.pool_kernel % 2 == 0:
+            raise ConfigError(f"--kv-pool-kernel: must be odd, got {self.pool_kernel}")
+        budget = _parse_budget(self.budget)
+        if not self.is_fractional(budget) and budget < self.window:
+            raise ConfigError(
+                f"--kv-budget: {budget} is smaller than the observation window "
+                f"--kv-window {self.window}; the budget counts the window"
+            )
+        object.__setattr__(self, "budget", budget)
+        if self.min_prompt is None:
+            default = 2 * self.window if self.is_fractional(budget) else budget + self.window
+            object.__setattr__(self, "min_prompt", default)
+        else:
+            _require_int("--kv-min-prompt", self.min_prompt, minimum=1)
+
+    @staticmethod
+    def is_fractional(budget: int | float) -> bool:
+        return isinstance(budget, float)
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy != "none"
+
+    def kept_tokens(self, private_len: int) -> int:
+        """Prompt tokens kept per KV head for a private (uncached) prompt of ``private_len``.
+
+        Window included; never more than the prompt itself.
+        """
+        if self.is_fractional(self.budget):
+            kept = max(self.window, math.ceil(self.budget * private_len))
+        else:
+            kept = int(self.budget)
+        return min(kept, private_len)
+
+    def should_compress(self, private_len: int) -> bool:
+        """Whether a private prompt of this length is compressed (policy on, long enough,
+        and the budget actually evicts something)."""
+        return (
+            self.enabled
+            and private_len >= self.min_prompt
+            and private_len > self.window
+            and self.kept_tokens(private_len) < private_len
+        )
+
+    def with_overrides(self, overrides: dict[str, Any]) -> CompressionConfig:
+        """A copy with per-request overrides applied (keys: policy, budget, window,
+        pool_kernel, min_prompt, optionally prefixed with ``kv_``); validated the same way.
+
+        An override of ``budget`` without ``min_prompt`` re-derives the default minimum."""
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"kv override must be a JSON object, got {type(overrides).__name__}")
+        fields = {f.name for f in dataclasses.fields(self)}
+        changes: dict[str, Any] = {}
+        for key, value in overrides.items():
+            name = key.removeprefix("kv_") if isinstance(key, str) else key
+            if name not in fields:
+                raise ConfigError(
+                    f"kv override: unknown key {key!r}; expected one of "
+                    f"{', '.join('kv_' + f for f in sorted(fields))}"
+                )
+            changes[name] = value
+        if "budget" in changes and "min_prompt" not in changes:
+            changes["min_prompt"] = None
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
+        return cls(**{k: v for k, v in data.items() if v is not None})
+
+
+def _require_int(flag: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{flag}: expected an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{flag}: must be >= {minimum}, got {value}")
+
+
+def _parse_budget(value: Any) -> int | float:
+    """An int >= 1, or a float strictly between 0 and 1; strings are parsed."""
+    if isinstance(value, bool):
+        raise ConfigError(f"--kv-budget: expected a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            raise ConfigError(f"--kv-budget: expected a number, got {value!r}") from None
+    if isinstance(value, float):
+        if 0.0 < value < 1.0:
+            return value
+        if value.is_integer() and value >= 1:
+            return int(value)
+        raise ConfigError(
+            f"--kv-budget: must be a positive integer or a fraction in (0, 1), got {value}"
+        )
+    if isinstance(value, int):
+        if value <= 0:
+            raise ConfigError(f"--kv-budget: must be positive, got {value}")
+        return value
+    raise ConfigError(f"--kv-budget: expected a number, got {value!r}")

@@ -1,0 +1,150 @@
+"""Start SGLang's HTTP server as a subprocess and stop it cleanly (tests, demo, benchmarks).
+
+With no CUDA device, the server runs SGLang's real engine on CPU (``SGLANG_USE_CPU_ENGINE=1``,
+``--device cpu --attention-backend torch_native``, CUDA graphs off) with the
+``bacon_sglang.cpu_shim`` standing in for ``sgl_kernel``. No SGLang import here: the server
+is another process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from bacon_sglang.cpu_shim import cpu_engine_env, cuda_device_present
+
+CPU_ENGINE_ARGS = (
+    "--device",
+    "cpu",
+    "--attention-backend",
+    "torch_native",
+    "--disable-cuda-graph",
+)
+
+
+def free_port() -> int:
+    """An unused TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_engine() -> bool:
+    """Whether servers started here run on the CPU engine (no CUDA device present)."""
+    return not cuda_device_present()
+
+
+@dataclass
+class ServerProcess:
+    """A running ``python -m sglang.launch_server``; use :func:`launch_server` to start one."""
+
+    process: subprocess.Popen
+    base_url: str
+    log_path: Path
+    argv: list[str] = field(default_factory=list)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM the server's process group, wait, then SIGKILL; returns the exit code."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=timeout)
+        # Children (scheduler, detokenizer) share the group; make sure none is left.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        return self.process.returncode
+
+
+def server_argv(model_path: str | Path, port: int, extra: Sequence[str] = ()) -> list[str]:
+    """Command line of a small local server (CPU-engine flags added when there is no GPU)."""
+    argv = [
+        sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        str(model_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--skip-server-warmup",
+    ]
+    if cpu_engine():
+        argv += CPU_ENGINE_ARGS
+    return argv + list(extra)
+
+
+def launch_server(
+    model_path: str | Path,
+    extra_args: Sequence[str] = (),
+    *,
+    startup_timeout: float = 300.0,
+    log_path: str | Path | None = None,
+    env: dict[str, str] | None = None,
+) -> ServerProcess:
+    """Start a server, wait until ``/health`` answers 200, and return it.
+
+    Raises RuntimeError with the server's log tail if it exits or times out first."""
+    port = free_port()
+    argv = server_argv(model_path, port, extra_args)
+    if log_path is None:
+        log_path = Path(tempfile.mkstemp(prefix="sglang-server-", suffix=".log")[1])
+    log_path = Path(log_path)
+    base_env = cpu_engine_env(env) if cpu_engine() else dict(os.environ if env is None else env)
+    base_env.setdefault("HF_HUB_OFFLINE", "1")
+    base_env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    with open(log_path, "wb") as log:
+        # cwd outside the repository: its top-level kernels/ folder would shadow the
+        # `kernels` package SGLang depends on.
+        process = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=base_env,
+            cwd=tempfile.gettempdir(),
+            start_new_session=True,
+        )
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path, argv)
+    deadline = time.monotonic() + startup_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"server exited with {process.returncode} during start-up:\n{server.log()[-4000:]}"
+            )
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(server.base_url + "/health", timeout=5).status_code == 200:
+                return server
+        time.sleep(1.0)
+    server.stop()
+    raise RuntimeError(f"server not healthy after {startup_timeout}s:\n{server.log()[-4000:]}")
+
+
+@contextlib.contextmanager
+def running_server(
+    model_path: str | Path, extra_args: Sequence[str] = (), **kwargs
+) -> Iterator[ServerProcess]:
+    """Context manager around :func:`launch_server` that always stops the server."""
+    server = launch_server(model_path, extra_args, **kwargs)
+    try:
+        yield server
+    finally:
+        server.stop()

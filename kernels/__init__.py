@@ -1,0 +1,183 @@
+"""Scores and compaction on SGLang's paged KV pool: the entry points the integration calls.
+
+Each function has one signature and two backends:
+
+- ``"triton"``: the kernels of this folder (``window_scores.py``, ``calibration.py``,
+  ``compaction.py``); runs on CUDA tensors, and on CPU tensors when the kernels were defined
+  under ``TRITON_INTERPRET=1`` (Triton's interpreter, how the tests run them).
+- ``"torch"``: the references of :mod:`bacon_sglang.paged`, per request in plain PyTorch.
+
+``backend=None`` picks ``"triton"`` for CUDA tensors or when the kernels are interpreted, else
+``"torch"`` (production on CPU). The kernel modules are imported on first use, so whether
+they are interpreted is decided by ``TRITON_INTERPRET`` at that moment; this package reads no
+environment variable itself.
+
+Data path of one layer at the end of prefill::
+
+    window_scores(q, ...)  -> WindowScores  (column means of the window attention)
+    calibrate(scores, ...) -> Calibrated    (B, E, S per candidate; .base for SnapKV)
+    ... keep-set per head (bacon_sglang.selection) ...
+    compact(k_buffers, v_buffers, ...)      (all layers at once, after the last layer)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Literal
+
+from torch import Tensor
+
+from bacon_sglang import paged, scoring
+from bacon_sglang.paged import Calibrated, KVIndex, WindowScores, check_keep, indptr, pack_keep
+
+__all__ = [
+    "Backend",
+    "Calibrated",
+    "KVIndex",
+    "WindowScores",
+    "calibrate",
+    "check_keep",
+    "compact",
+    "indptr",
+    "interpreted",
+    "pack_keep",
+    "pick_backend",
+    "window_scores",
+]
+
+Backend = Literal["triton", "torch"]
+
+
+def _kernel_module(name: str) -> ModuleType:
+    module = importlib.import_module(f"{__name__}.{name}")
+    # importing the submodule window_scores rebinds that name on this package: undo it
+    globals()["window_scores"] = _window_scores
+    return module
+
+
+def interpreted() -> bool:
+    """Whether the Triton kernels run in Triton's interpreter (so on CPU tensors)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_kernel_module("compaction")._compact_kernel, InterpretedFunction)
+
+
+def pick_backend(tensor: Tensor, backend: Backend | None = None) -> Backend:
+    """The backend for data on ``tensor``'s device: ``backend`` if given, else ``"triton"``
+    on CUDA or under the interpreter, ``"torch"`` otherwise."""
+    if backend is not None:
+        if backend not in ("triton", "torch"):
+            raise ValueError(f"unknown backend {backend!r}")
+        if backend == "triton" and not tensor.is_cuda and not interpreted():
+            raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+        return backend
+    return "triton" if tensor.is_cuda or interpreted() else "torch"
+
+
+def window_scores(
+    q: Tensor,
+    q_indptr: Tensor,
+    k_buffer: Tensor,
+    index: KVIndex,
+    scale: float | None = None,
+    lse: Tensor | None = None,
+    *,
+    backend: Backend | None = None,
+) -> WindowScores:
+    """Column scores of the window attention of a batch, from one layer's K in the pool.
+
+    Args:
+        q: ``[sum_w, Hq, d]`` window queries (after RoPE), the last ``w_b`` prompt positions
+            of each request, packed.
+        q_indptr: ``[B + 1]`` rows of ``q`` per request, ``1 <= w_b <= n_b``.
+        k_buffer: ``[num_slots, Hkv, d]`` the layer's K (NHD, as ``MHATokenToKVPool``).
+        index: where each request's ``n_b`` prompt keys are (:class:`KVIndex`).
+        scale: logit scale, ``1 / sqrt(d)`` when ``None``.
+        lse: optional ``[sum_w, Hq]`` natural-log log-sum-exp of the window rows' logits over
+            their causal keys (from the prefill attention); the kernel then reads K once.
+
+    Returns:
+        :class:`WindowScores`: ``mean``, ``last`` ``[sum_n, Hkv]`` float32 and ``indptr``.
+    """
+    if pick_backend(q, backend) == "torch":
+        return paged.window_scores(q, q_indptr, k_buffer, index, scale, lse)
+    return _kernel_module("window_scores").window_scores(q, q_indptr, k_buffer, index, scale, lse)
+
+
+_window_scores = window_scores
+
+
+def calibrate(
+    window_scores: WindowScores,
+    q_indptr: Tensor,
+    budget: int | Tensor | Sequence[int],
+    prev_evidence: Sequence[Tensor] = (),
+    first_candidate: int | Tensor | Sequence[int] = 0,
+    *,
+    pool_kernel: int = scoring.POOL_KERNEL,
+    coherence_kernel: int = scoring.COHERENCE_KERNEL,
+    history: int = scoring.HISTORY,
+    scale: float = scoring.SCALE,
+    region: int = scoring.REGION,
+    eps: float = scoring.EPS,
+    backend: Backend | None = None,
+) -> Calibrated:
+    """BACON steps 1-9 (1-D coherence) for a batch: see :func:`bacon_sglang.paged.calibrate`.
+
+    Args:
+        window_scores: this layer's :func:`window_scores`.
+        q_indptr: ``[B + 1]`` window rows per request.
+        budget: ``K`` per request (or one int): the top-``2K`` region.
+        prev_evidence: earlier layers' ``Calibrated.evidence`` of this batch, oldest first.
+        first_candidate: per request, candidates ``[0, f)`` (a shared prefix) stay out of the
+            top-``2K`` statistics.
+
+    Returns:
+        :class:`Calibrated`: ``scores``, ``evidence``, ``base`` ``[sum_T, Hkv]`` float32,
+        ``lam``, ``rho`` ``[B, Hkv]``, ``indptr`` ``[B + 1]``.
+    """
+    options = dict(
+        pool_kernel=pool_kernel, coherence_kernel=coherence_kernel, history=history,
+        scale=scale, region=region, eps=eps,
+    )  # fmt: skip
+    args = (window_scores, q_indptr, budget, prev_evidence, first_candidate)
+    if pick_backend(window_scores.mean, backend) == "torch":
+        return paged.calibrate(*args, **options)
+    return _kernel_module("calibration").calibrate(*args, **options)
+
+
+def compact(
+    k_buffers: Sequence[Tensor],
+    v_buffers: Sequence[Tensor],
+    index: KVIndex,
+    prefix_lens: Tensor,
+    keep: Tensor,
+    keep_indptr: Tensor,
+    *,
+    check: bool = False,
+    backend: Backend | None = None,
+) -> None:
+    """Move each request's kept tokens, per layer and KV head, to the front of its private
+    slots, in place (ranges and contract: :func:`bacon_sglang.paged.compact`).
+
+    Args:
+        k_buffers, v_buffers: per layer ``[num_slots, Hkv, d]`` (e.g. ``pool.k_buffer``).
+        index: the requests' rows: token-level ``req_to_token`` rows or row snapshots
+            (:meth:`KVIndex.from_rows`), or page tables.
+        prefix_lens: ``[R]`` shared prefix length ``P_r`` (never touched).
+        keep: ``[num_layers, Hkv, sum_B]`` positions, per request strictly increasing in
+            ``[P_r, L_r)`` (:func:`pack_keep` packs per-request ``[num_layers, Hkv, B_r]``).
+        keep_indptr: ``[R + 1]``.
+        check: verify the precondition on ``keep`` first (syncs; the torch backend always
+            checks).
+    """
+    if pick_backend(k_buffers[0], backend) == "torch":
+        paged.compact(k_buffers, v_buffers, index, prefix_lens, keep, keep_indptr)
+        return
+    if check:
+        check_keep(index, prefix_lens, keep, keep_indptr)
+    _kernel_module("compaction").compact(
+        k_buffers, v_buffers, index, prefix_lens, keep, keep_indptr
+    )

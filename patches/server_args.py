@@ -1,0 +1,95 @@
+"""Hooks on ``sglang.srt.server_args``: the ``--kv-*`` flags and how their values travel.
+
+* ``ServerArgs.add_cli_args`` (AFTER): adds ``--kv-policy``, ``--kv-budget``, ``--kv-window``,
+  ``--kv-pool-kernel``, ``--kv-min-prompt`` to SGLang's parser, so they show in
+  ``python -m sglang.launch_server --help`` and work in ``--config`` YAML files.
+* ``ServerArgs.from_cli_args`` (AFTER): validates them into one
+  :class:`~bacon_sglang.config.CompressionConfig` and attaches it to the ``ServerArgs``
+  record. A bad value stops the launch here, before any model loads, with one line.
+
+How the values reach the scheduler and model-runner subprocesses (the one bridge): the
+config rides on the ``ServerArgs`` record as the bookkeeping attribute ``_bacon_kv_config``.
+``ServerArgs`` is a msgspec Struct with ``dict=True`` whose ``__reduce__`` pickles
+``__dict__`` along with the fields, so the attribute survives the spawn into every
+scheduler (and so model-runner) process, where :func:`config_of` reads it back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import msgspec
+
+from bacon_sglang.config import FLAGS, POLICY_NAMES, CompressionConfig, ConfigError
+
+ATTR = "_bacon_kv_config"
+
+
+def config_of(server_args) -> CompressionConfig:
+    """The compression config attached to a ``ServerArgs`` record (defaults: policy none)."""
+    return getattr(server_args, ATTR, None) or CompressionConfig()
+
+
+def attach(server_args, config: CompressionConfig) -> None:
+    """Attach ``config`` to ``server_args`` (a bookkeeping attribute, allowed at any time)."""
+    msgspec.Struct.__setattr__(server_args, ATTR, config)
+
+
+def add_kv_flags(result, parser: argparse.ArgumentParser):
+    """AFTER ``ServerArgs.add_cli_args(parser)``: register the ``--kv-*`` flags.
+
+    Defaults are None so that an unset flag takes the config's (possibly derived) default;
+    validation happens once, in :func:`attach_from_namespace`, to give one-line errors
+    rather than argparse's usage dump."""
+    group = parser.add_argument_group("bacon-sglang KV-cache compression")
+    for flag, (field, help_text) in FLAGS.items():
+        kwargs = {"dest": f"kv_{field}", "default": None, "help": help_text}
+        if field == "policy":
+            kwargs["metavar"] = "{" + ",".join(POLICY_NAMES) + "}"
+        elif field == "budget":
+            kwargs["metavar"] = "N"
+        else:
+            kwargs["metavar"] = "N"
+        group.add_argument(flag, type=str, **kwargs)
+    return result
+
+
+def config_from_namespace(args: argparse.Namespace) -> CompressionConfig:
+    """Build the config from parsed ``--kv-*`` values (strings or None); raises ConfigError."""
+    values = {}
+    for flag, (field, _) in FLAGS.items():
+        raw = getattr(args, f"kv_{field}", None)
+        if raw is None:
+            continue
+        values[field] = raw if field in ("policy", "budget") else _parse_int(flag, raw)
+    return CompressionConfig(**values)
+
+
+def attach_from_namespace(result, cls, args: argparse.Namespace):
+    """AFTER ``ServerArgs.from_cli_args(args)``: validate and attach the config.
+
+    On a bad value: print ``error: --kv-flag: why`` on one line and exit with status 2."""
+    try:
+        config = config_from_namespace(args)
+    except ConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.flush()
+        raise SystemExit(2) from None
+    attach(result, config)
+    return result
+
+
+def _parse_int(flag: str, raw: str) -> int:
+    if isinstance(raw, int):
+        return raw
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{flag}: expected an integer, got {raw!r}") from None
+
+
+HOOKS = [
+    ("sglang.srt.server_args.ServerArgs.add_cli_args", add_kv_flags, "AFTER"),
+    ("sglang.srt.server_args.ServerArgs.from_cli_args", attach_from_namespace, "AFTER"),
+]

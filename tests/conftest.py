@@ -1,0 +1,38 @@
+"""Shared fixtures: the built-in tiny model and CPU-engine helpers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bacon_sglang import cpu_shim
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Without a GPU, SGLang's modules import only with the CPU engine and the sgl_kernel stand-in.
+if cpu_shim.install():
+    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+
+
+@pytest.fixture(scope="session")
+def sglang_hooks():
+    """Load SGLang's plugins in this process (so bacon-sglang's hooks are applied)."""
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from bacon_sglang import patches
+
+    load_plugins()
+    patches.register_all()
+    HookRegistry.apply_hooks()
+    assert patches.unapplied_targets() == []
+    return HookRegistry
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path():
+    """Path of the built-in tiny Qwen2-VL model (built once, cached under <repo>/.cache)."""
+    from bacon_sglang.models.tiny import ensure_tiny_model
+
+    return ensure_tiny_model()

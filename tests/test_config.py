@@ -1,0 +1,71 @@
+"""CompressionConfig: defaults, derived values and one-line errors naming the flag."""
+
+import pytest
+
+from bacon_sglang.config import CompressionConfig, ConfigError
+
+
+def test_defaults():
+    config = CompressionConfig()
+    assert (config.policy, config.budget, config.window, config.pool_kernel) == ("none", 64, 32, 5)
+    assert config.min_prompt == 96  # budget + window
+    assert not config.enabled
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"policy": "bogus"}, "--kv-policy"),
+        ({"budget": 0}, "--kv-budget"),
+        ({"budget": -5}, "--kv-budget"),
+        ({"budget": 16}, "--kv-budget"),  # smaller than the window
+        ({"budget": "abc"}, "--kv-budget"),
+        ({"budget": 1.5}, "--kv-budget"),
+        ({"window": 0}, "--kv-window"),
+        ({"pool_kernel": 4}, "--kv-pool-kernel"),
+        ({"pool_kernel": -1}, "--kv-pool-kernel"),
+        ({"min_prompt": 0}, "--kv-min-prompt"),
+    ],
+)
+def test_bad_values_name_the_flag(kwargs, flag):
+    with pytest.raises(ConfigError) as info:
+        CompressionConfig(**kwargs)
+    message = str(info.value)
+    assert message.startswith(flag + ":")
+    assert "\n" not in message
+
+
+def test_budget_forms():
+    assert CompressionConfig(budget="128").budget == 128
+    assert CompressionConfig(budget="128.0").budget == 128
+    assert CompressionConfig(budget="0.25").budget == 0.25
+    fractional = CompressionConfig(policy="bacon", budget=0.25)
+    assert fractional.min_prompt == 64
+    assert fractional.kept_tokens(1000) == 250
+    assert fractional.kept_tokens(100) == 32  # never below the window
+
+
+def test_should_compress():
+    config = CompressionConfig(policy="bacon", budget=64)
+    assert not config.should_compress(95)  # below min_prompt = 96
+    assert config.should_compress(96)
+    assert config.kept_tokens(1000) == 64
+    assert not CompressionConfig(policy="bacon", budget=64, min_prompt=10).should_compress(64)
+    assert not CompressionConfig(budget=64).should_compress(10_000)  # policy none
+
+
+def test_overrides():
+    base = CompressionConfig(policy="bacon", budget=64)
+    assert base.with_overrides({"kv_budget": 128}) == CompressionConfig(policy="bacon", budget=128)
+    assert base.with_overrides({"policy": "none"}).policy == "none"
+    with pytest.raises(ConfigError, match="unknown key"):
+        base.with_overrides({"kv_bugdet": 1})
+    with pytest.raises(ConfigError, match="--kv-budget"):
+        base.with_overrides({"kv_budget": 0})
+    with pytest.raises(ConfigError, match="JSON object"):
+        base.with_overrides([1, 2])  # type: ignore[arg-type]
+
+
+def test_round_trip():
+    config = CompressionConfig(policy="snapkv", budget=0.5, window=8, pool_kernel=3)
+    assert CompressionConfig.from_dict(config.to_dict()) == config

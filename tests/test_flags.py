@@ -1,0 +1,96 @@
+"""The --kv-* flags: parsed by SGLang's own parser, defaulted, validated before any model
+loads, and carried on ServerArgs to the subprocesses; the same names as Engine keywords."""
+
+import argparse
+import pickle
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bacon_sglang.config import CompressionConfig, ConfigError
+from bacon_sglang.cpu_shim import cpu_engine_env
+
+FLAGS = ("--kv-policy", "--kv-budget", "--kv-window", "--kv-pool-kernel", "--kv-min-prompt")
+
+
+def parse(*flags):
+    from sglang.srt.server_args import prepare_server_args
+
+    return prepare_server_args(["--model-path", "/nonexistent/model", *flags])
+
+
+def test_help_lists_the_flags(sglang_hooks):
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    text = parser.format_help()
+    for flag in FLAGS:
+        assert flag in text
+    assert "{none,snapkv,bacon}" in text
+
+
+def test_defaults_mean_no_compression(sglang_hooks):
+    from bacon_sglang.patches.server_args import config_of
+
+    assert config_of(parse()) == CompressionConfig()
+
+
+def test_values_parse_and_survive_pickling(sglang_hooks):
+    from bacon_sglang.patches.server_args import config_of
+
+    args = parse(
+        "--kv-policy", "bacon", "--kv-budget", "128", "--kv-window", "16",
+        "--kv-pool-kernel", "7", "--kv-min-prompt", "300",
+    )  # fmt: skip
+    expected = CompressionConfig("bacon", 128, 16, 7, 300)
+    assert config_of(args) == expected
+    # Subprocesses receive a pickled copy of ServerArgs (spawn start method).
+    assert config_of(pickle.loads(pickle.dumps(args))) == expected
+    assert config_of(parse("--kv-policy", "snapkv", "--kv-budget", "0.3")).budget == 0.3
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--kv-policy", "bogus"), "error: --kv-policy: unknown policy 'bogus'"),
+        (("--kv-budget", "0"), "error: --kv-budget: must be positive"),
+        (("--kv-budget", "16"), "error: --kv-budget: 16 is smaller than the observation window"),
+        (("--kv-window", "-2"), "error: --kv-window: must be >= 1"),
+        (("--kv-pool-kernel", "4"), "error: --kv-pool-kernel: must be odd"),
+        (("--kv-min-prompt", "x"), "error: --kv-min-prompt: expected an integer"),
+    ],
+)
+def test_bad_values_stop_parsing_with_one_line(sglang_hooks, capsys, flags, message):
+    with pytest.raises(SystemExit) as info:
+        parse(*flags)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(message)
+
+
+def test_engine_keywords_are_taken_out_and_validated(sglang_hooks):
+    from bacon_sglang.patches import entrypoints
+
+    kwargs = {"model_path": "m", "kv_policy": "snapkv", "kv_budget": 96}
+    assert entrypoints.pop_kv_kwargs(kwargs) == CompressionConfig("snapkv", 96)
+    assert kwargs == {"model_path": "m"}
+    assert entrypoints.pop_kv_kwargs({"model_path": "m"}) is None
+    with pytest.raises(ConfigError, match="--kv-policy"):
+        entrypoints.before_engine_init(object(), model_path="m", kv_policy="nope")
+
+
+def test_launch_with_bogus_policy_exits_quickly():
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "sglang.launch_server", "--model-path", "/nonexistent/model",
+         "--kv-policy", "bogus"],
+        env=cpu_engine_env(), capture_output=True, text=True, timeout=120, cwd="/",
+    )  # fmt: skip
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == "error: --kv-policy: unknown policy 'bogus'; choose one of none, snapkv, bacon"
+    assert time.monotonic() - start < 90
+    assert "Traceback" not in out.stderr
