@@ -1,0 +1,111 @@
+"""Budget allocation: how many candidates each (layer, KV head) keeps, window excluded.
+
+BACON never changes these; it changes only the score used inside each head. Every allocator
+returns ``[Hkv]`` int64 budgets in ``[0, T]`` for one layer, ``T`` being the candidates there
+are (all are kept when the budget exceeds them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from bacon_sglang.selection import top_mask
+
+
+def uniform_budgets(budget: int, num_kv_heads: int, num_candidates: int) -> Tensor:
+    """SnapKV: ``K`` for every head of every layer.
+
+    Returns:
+        ``[Hkv]`` int64, all ``min(K, T)``.
+    """
+    return torch.full((num_kv_heads,), max(0, min(budget, num_candidates)), dtype=torch.long)
+
+
+def pyramid_budget(
+    budget: int, layer_idx: int, num_layers: int, num_candidates: int, beta: int = 20
+) -> int:
+    """PyramidKV: per-layer budget falling linearly with depth, the same for every head.
+
+    ``min = K // beta``, ``max = 2K - min``, ``cap_l = max - l * ((max - min) // (L - 1))``.
+    When ``max >= T`` the release sets ``max = T`` and ``min = 2K - T`` (keeping the mean
+    near ``K``); every ``cap_l`` is finally clamped to ``[0, T]``. One layer gets ``K``.
+
+    Args:
+        budget: ``K``, the mean per-head budget over layers.
+        layer_idx: ``l`` in ``[0, L)``.
+        num_layers: ``L``.
+        num_candidates: ``T``.
+        beta: ratio of ``K`` to the smallest budget.
+
+    Returns:
+        ``cap_l`` as an int.
+    """
+    low = budget // beta
+    high = 2 * budget - low
+    if high >= num_candidates:
+        high = num_candidates
+        low = 2 * budget - num_candidates
+    if num_layers <= 1:
+        cap = budget
+    else:
+        cap = high - layer_idx * ((high - low) // (num_layers - 1))
+    return max(0, min(cap, num_candidates))
+
+
+def pyramid_budgets(
+    budget: int,
+    layer_idx: int,
+    num_layers: int,
+    num_kv_heads: int,
+    num_candidates: int,
+    beta: int = 20,
+) -> Tensor:
+    """:func:`pyramid_budget` for every head of layer ``layer_idx``.
+
+    Returns:
+        ``[Hkv]`` int64.
+    """
+    cap = pyramid_budget(budget, layer_idx, num_layers, num_candidates, beta)
+    return torch.full((num_kv_heads,), cap, dtype=torch.long)
+
+
+def adakv_budgets(scores: Tensor, budget: int, floor: float = 0.2) -> Tensor:
+    """AdaKV: split the layer's ``Hkv * K`` tokens between heads by where the top scores are.
+
+    Take the global top ``Hkv * K`` of all heads' scores (ties to the lower head, then the
+    lower token), count the hits ``c_h`` per head, and give head ``h``
+    ``(1 - floor) * c_h + floor * K`` rounded so that the budgets still sum to ``Hkv * K``
+    (largest remainder, ties to the lower head): each is the floor or the ceiling of its
+    share, so every head keeps at least ``floor(floor * K)``.
+
+    Args:
+        scores: ``[Hkv, T]`` the base score of the candidates.
+        budget: ``K``, the mean per-head budget.
+        floor: the share of ``K`` every head keeps whatever its scores.
+
+    Returns:
+        ``[Hkv]`` int64 summing to ``Hkv * min(K, T)``.
+    """
+    heads, t = scores.shape
+    device = scores.device
+    if budget >= t or budget <= 0:
+        return torch.full((heads,), max(0, min(budget, t)), dtype=torch.long, device=device)
+    total = heads * budget
+    hits = top_mask(scores.float().reshape(1, -1), total).reshape(heads, t).sum(-1).double()
+    share = (1.0 - floor) * hits + floor * budget  # sums to `total`
+    whole = torch.floor(share + 1e-9)
+    missing = int(total - whole.sum().item())
+    bonus = top_mask((share - whole).unsqueeze(0), max(missing, 0))[0]
+    return (whole + bonus.double()).long().clamp(0, t)
+
+
+def mean_budget(budgets: Tensor) -> int:
+    """The average per-head budget of a layer, rounded half up; used for BACON's top-2K region.
+
+    Args:
+        budgets: ``[Hkv]`` int64.
+    """
+    return math.floor(budgets.double().mean().item() + 0.5) if budgets.numel() else 0

@@ -1,0 +1,53 @@
+"""KV-cache compression policies: one small frozen dataclass per method.
+
+A new method is one new module here plus one entry in :data:`POLICIES`.
+"""
+
+from __future__ import annotations
+
+from bacon_sglang.policies.adakv import AdaKV
+from bacon_sglang.policies.bacon import BACON
+from bacon_sglang.policies.base import Policy, RequestState
+from bacon_sglang.policies.pyramidkv import PyramidKV
+from bacon_sglang.policies.snapkv import SnapKV
+
+POLICIES: dict[str, type[Policy]] = {
+    "snapkv": SnapKV,
+    "pyramidkv": PyramidKV,
+    "adakv": AdaKV,
+    "bacon": BACON,
+}
+
+
+def make_policy(name: str, pool_kernel: int = 5) -> Policy:
+    """Build a policy by name with default hyperparameters.
+
+    Args:
+        name: ``snapkv``, ``pyramidkv``, ``adakv``, ``bacon`` (= ``BACON(base=SnapKV())``), or
+            ``bacon-<base>`` for BACON around another base, e.g. ``bacon-adakv``.
+        pool_kernel: avg-pool kernel of the window score (and of BACON's last-query score).
+
+    Returns:
+        The policy.
+    """
+    key = name.strip().lower()
+    if key == "bacon":
+        key = "bacon-snapkv"
+    if key.startswith("bacon-"):
+        return BACON(base=make_policy(key.removeprefix("bacon-"), pool_kernel))
+    if key not in POLICIES or key == "bacon":
+        known = sorted([*POLICIES, *(f"bacon-{k}" for k in POLICIES if k != "bacon")])
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(known)}")
+    return POLICIES[key](pool_kernel=pool_kernel)
+
+
+__all__ = [
+    "AdaKV",
+    "BACON",
+    "POLICIES",
+    "Policy",
+    "PyramidKV",
+    "RequestState",
+    "SnapKV",
+    "make_policy",
+]

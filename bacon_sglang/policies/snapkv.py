@@ -1,0 +1,31 @@
+"""SnapKV: uniform budget, top-k of the pooled window score."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from bacon_sglang.budgets import uniform_budgets
+from bacon_sglang.policies.base import Policy
+from bacon_sglang.scoring import POOL_KERNEL, snapkv_scores
+
+
+@dataclass(frozen=True)
+class SnapKV(Policy):
+    """Every layer and head keeps ``K`` candidates by SnapKV's window score.
+
+    Attributes:
+        pool_kernel: avg-pool kernel of the window score.
+    """
+
+    pool_kernel: int = POOL_KERNEL
+
+    def score(self, attn: Tensor, num_kv_heads: int) -> Tensor:
+        """:func:`bacon_sglang.scoring.snapkv_scores`, ``[Hkv, n - w]`` float32."""
+        return snapkv_scores(attn, num_kv_heads, self.pool_kernel)
+
+    def allocate(self, scores: Tensor, budget: int, layer_idx: int, num_layers: int) -> Tensor:
+        """``[Hkv]`` all ``min(K, C)`` (see :meth:`Policy.allocate`)."""
+        heads, candidates = scores.shape
+        return uniform_budgets(budget, heads, candidates).to(scores.device)

@@ -1,0 +1,85 @@
+"""Keep-sets: per KV head, the top-scored candidates plus the always-kept window.
+
+    keys:  0 ...... first_candidate-1 | first_candidate ........ T-1 | T ...... n-1
+           shared prefix (kept           candidates: top-k_h by       window (always
+           elsewhere, never selected)    score per head               kept, w tokens)
+
+Ranking is deterministic: by score descending, ties to the lower token index. The top-k is
+found from ``torch.topk``'s k-th value (well defined whatever its tie order), then the ties at
+that value are resolved by index, which avoids a full sort.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+KEEP_PAD = -1
+"""Fills the tail of a keep-set row whose head keeps fewer tokens than the widest head."""
+
+
+def top_mask(scores: Tensor, k: int | Tensor) -> Tensor:
+    """Per row, the ``k_h`` highest scores; among equal scores the lower indices win.
+
+    Args:
+        scores: ``[H, T]`` float scores (no NaN).
+        k: how many to take, for every row or ``[H]`` per row; clamped to ``[0, T]``.
+
+    Returns:
+        ``[H, T]`` bool with exactly ``min(k_h, T)`` true entries in row ``h``.
+    """
+    heads, t = scores.shape
+    k = torch.as_tensor(k, dtype=torch.long, device=scores.device).expand(heads).clamp(0, t)
+    width = int(k.max()) if heads else 0
+    if width == 0:
+        return torch.zeros(heads, t, dtype=torch.bool, device=scores.device)
+    top = torch.topk(scores, width, dim=-1).values  # [H, width], descending
+    kth = top.gather(-1, (k - 1).clamp(min=0).unsqueeze(-1))  # [H, 1] the k-th largest value
+    above = scores > kth  # fewer than k of these
+    tied = scores == kth
+    need = k.unsqueeze(-1) - above.sum(-1, keepdim=True)  # >= 1 tied entries to take
+    mask = above | (tied & (tied.cumsum(-1) <= need))
+    return mask & (k > 0).unsqueeze(-1)
+
+
+def select_keep(
+    scores: Tensor,
+    budget_per_head: int | Tensor,
+    window: int,
+    first_candidate: int = 0,
+) -> Tensor:
+    """Sorted absolute indices of the tokens each KV head keeps.
+
+    Args:
+        scores: ``[Hkv, T]`` candidate scores (``T = n - w``), higher is kept first.
+        budget_per_head: ``K`` for every head, or ``[Hkv]`` per-head budgets ``k_h``; counts
+            candidates only, the window comes on top. Clamped to the
+            ``T - first_candidate`` candidates there are (all are kept when there are fewer).
+        window: ``w``; indices ``[T, T + w)`` are always kept.
+        first_candidate: indices ``[0, first_candidate)`` are never selected and do not count
+            against the budget (a shared prefix kept elsewhere).
+
+    Returns:
+        ``[Hkv, max_h(k_h) + w]`` int64. Row ``h`` holds its ``k_h + w`` kept indices in
+        ascending order, then :data:`KEEP_PAD` up to the common width. With a uniform budget
+        there is no padding: ``[Hkv, min(K, T - first_candidate) + w]``.
+    """
+    heads, t = scores.shape
+    if not 0 <= first_candidate <= t:
+        raise ValueError(f"first_candidate {first_candidate} outside [0, {t}]")
+    if window < 0:
+        raise ValueError(f"negative window {window}")
+    device = scores.device
+    budgets = torch.as_tensor(budget_per_head, dtype=torch.long, device=device)
+    budgets = budgets.expand(heads).clamp(0, t - first_candidate)
+    width = int(budgets.max()) if heads else 0
+
+    keep = torch.full((heads, width + window), KEEP_PAD, dtype=torch.long, device=device)
+    # nonzero() walks row-major: each head's chosen candidates come out in ascending order.
+    rows, cols = top_mask(scores[:, first_candidate:].float(), budgets).nonzero(as_tuple=True)
+    starts = budgets.cumsum(0) - budgets
+    slot = torch.arange(rows.numel(), device=device) - starts[rows]
+    keep[rows, slot] = cols + first_candidate
+    after = budgets.unsqueeze(1) + torch.arange(window, device=device)  # [Hkv, w] slots
+    keep.scatter_(1, after, torch.arange(t, t + window, device=device).expand(heads, window))
+    return keep
