@@ -36,7 +36,15 @@ FLAGS: dict[str, tuple[str, str]] = {
         "min_prompt",
         "Prompts (private part) shorter than this are never compressed (default: budget + window).",
     ),
+    "--kv-debug-dir": (
+        "debug_dir",
+        "Write each compressed request's per-layer, per-head keep-sets to DIR/<rid>.pt "
+        "(debugging and tests).",
+    ),
 }
+
+# Keys a request may override (its ``custom_params["kv_compression"]``).
+OVERRIDABLE = ("policy", "budget", "window", "pool_kernel", "min_prompt")
 
 
 class ConfigError(ValueError):
@@ -57,6 +65,7 @@ class CompressionConfig:
     window: int = 32
     pool_kernel: int = 5
     min_prompt: int | None = None
+    debug_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICY_NAMES:
@@ -117,7 +126,7 @@ class CompressionConfig:
         An override of ``budget`` without ``min_prompt`` re-derives the default minimum."""
         if not isinstance(overrides, dict):
             raise ConfigError(f"kv override must be a JSON object, got {type(overrides).__name__}")
-        fields = {f.name for f in dataclasses.fields(self)}
+        fields = set(OVERRIDABLE)
         changes: dict[str, Any] = {}
         for key, value in overrides.items():
             name = key.removeprefix("kv_") if isinstance(key, str) else key

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import sys
 import time
 
@@ -68,11 +67,20 @@ def chat_request(base_url: str, question: str, img: Image.Image, max_tokens: int
     return reply.json()
 
 
-def report(reply: dict, policy: str, budget: str, seconds: float) -> str:
-    """Human-readable summary of one chat reply."""
+def kv_memory(base_url: str) -> dict:
+    """The server's KV accounting and compression counters (``GET /server_info``)."""
+    info = requests.get(base_url + "/server_info", timeout=60).json()
+    return info["internal_states"][0].get("bacon_kv", {})
+
+
+def report(reply: dict, policy: str, budget: str, seconds: float, before: dict, after: dict) -> str:
+    """Human-readable summary of one chat reply and what the server compressed for it."""
     usage = reply.get("usage", {})
     details = usage.get("prompt_tokens_details") or {}
-    compression = (reply.get("metadata") or {}).get("kv_compression") or reply.get("kv_compression")
+    compression = {
+        key: after.get(key, 0) - before.get(key, 0)
+        for key in ("compressed_requests", "evicted_tokens", "freed_slots")
+    }
     lines = [
         f"answer            : {reply['choices'][0]['message']['content']!r}",
         f"prompt tokens     : {usage.get('prompt_tokens')} "
@@ -81,10 +89,19 @@ def report(reply: dict, policy: str, budget: str, seconds: float) -> str:
         f"request time      : {seconds:.2f} s",
         f"server policy     : --kv-policy {policy} --kv-budget {budget}",
     ]
-    if compression:
-        lines.append("kv compression    : " + json.dumps(compression))
+    if compression["compressed_requests"]:
+        kept = usage.get("prompt_tokens", 0) - compression["evicted_tokens"]
+        lines.append(
+            f"kv compression    : kept {kept} of {usage.get('prompt_tokens')} prompt tokens per "
+            f"KV head, evicted {compression['evicted_tokens']}, freed "
+            f"{compression['freed_slots']} KV slots"
+        )
     else:
-        lines.append("kv compression    : not reported by the server (nothing compressed)")
+        lines.append("kv compression    : none (policy none, or prompt below --kv-min-prompt)")
+    lines.append(
+        f"kv pool after     : {after.get('available')} of {after.get('total')} slots free, "
+        f"{after.get('evictable')} cached in the radix tree"
+    )
     return "\n".join(lines)
 
 
@@ -106,11 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"starting SGLang ({engine}) with {args.model_path} ...", flush=True)
     extra = ["--kv-policy", args.policy, "--kv-budget", args.budget, "--max-total-tokens", "8192"]
     with running_server(args.model_path, extra) as server:
+        before = kv_memory(server.base_url)
         start = time.perf_counter()
         reply = chat_request(server.base_url, args.question, demo_image(), args.max_tokens)
         seconds = time.perf_counter() - start
+        after = kv_memory(server.base_url)
     print(f"question          : {args.question!r}")
-    print(report(reply, args.policy, args.budget, seconds))
+    print(report(reply, args.policy, args.budget, seconds, before, after))
     return 0
 
 

@@ -8,9 +8,10 @@ Each function has one signature and two backends:
 - ``"torch"``: the references of :mod:`bacon_sglang.paged`, per request in plain PyTorch.
 
 ``backend=None`` picks ``"triton"`` for CUDA tensors or when the kernels are interpreted, else
-``"torch"`` (production on CPU). The kernel modules are imported on first use, so whether
-they are interpreted is decided by ``TRITON_INTERPRET`` at that moment; this package reads no
-environment variable itself.
+``"torch"`` (production on CPU). Triton decides at import time: ``TRITON_INTERPRET=1`` must be
+set before triton is first imported (``import sglang`` imports it) and the kernel modules,
+imported here on first use, then hold interpreted functions. This package reads no
+environment variable itself; :func:`interpreted` inspects the kernels.
 
 Data path of one layer at the end of prefill::
 

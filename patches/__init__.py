@@ -9,9 +9,27 @@ from __future__ import annotations
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from bacon_sglang.patches import entrypoints, scheduler, server_args
+from bacon_sglang.patches import (
+    attention,
+    entrypoints,
+    forward_batch,
+    output_streamer,
+    schedule_batch,
+    scheduler,
+    server_args,
+    tokenizer_manager,
+)
 
-MODULES = (server_args, entrypoints, scheduler)
+MODULES = (
+    server_args,
+    entrypoints,
+    tokenizer_manager,
+    scheduler,
+    attention,
+    forward_batch,
+    schedule_batch,
+    output_streamer,
+)
 
 
 def all_hooks() -> list[tuple[str, object, str]]:

@@ -1,27 +1,293 @@
 """Hooks on ``sglang.srt.managers.scheduler.Scheduler`` (the scheduler subprocess).
 
-* ``Scheduler.__init__`` (AFTER): reads the compression config that travelled on
-  ``ServerArgs`` (``patches/server_args.py``) and keeps it on the scheduler as
-  ``scheduler.bacon_kv_config``; logs it once per scheduler process.
+* ``Scheduler.__init__`` (AFTER): reads the config that travelled on ``ServerArgs``
+  (``patches/server_args.py``), refuses what compression cannot support yet, and builds
+  the process's :class:`Runtime` (pools, allocator, tree cache, policy).
+* ``Scheduler.run_batch`` (AROUND): for an extend batch, plans which requests finish their
+  prompt in this forward and get compressed (and bars every request that will be
+  compressed from the radix tree *before* its first chunk could be inserted); runs the
+  forward, during which ``patches/attention.py`` scores every layer and compacts the KV;
+  then, still before the next batch is scheduled (the overlap scheduler prepares the next
+  decode right after this returns), frees the evicted slots and shortens the requests' KV
+  length. Doing this in ``process_batch_result`` would be one batch too late.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import torch
+
+from bacon_sglang.compression import RequestCompression, WindowQueries, plan_request
+from bacon_sglang.config import CompressionConfig, ConfigError
 from bacon_sglang.patches.server_args import config_of
+from bacon_sglang.policies import Policy, make_policy
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class PlanEntry:
+    """One request of the current extend batch that is (or will be) compressed."""
+
+    req: object
+    q_start: int  # first row of the request in the forward's flat query tensor
+    q_len: int  # new tokens of the request in this forward
+    window: WindowQueries
+    compression: RequestCompression | None  # None: a middle chunk (queries stashed only)
+
+
+@dataclass
+class Runtime:
+    """What the hooks of one scheduler process share."""
+
+    config: CompressionConfig
+    req_to_token_pool: object
+    kv_pool: object
+    tree_cache: object
+    page_size: int
+    num_layers: int
+    num_kv_heads: int
+    policies: dict[tuple[str, int], Policy] = field(default_factory=dict)
+    plan: list[PlanEntry] | None = None
+    windows: dict[str, WindowQueries] = field(default_factory=dict)  # rid -> stash
+    compressed_requests: int = 0
+    evicted_tokens: int = 0
+    freed_slots: int = 0
+
+    def policy(self, config: CompressionConfig) -> Policy:
+        key = (config.policy, config.pool_kernel)
+        if key not in self.policies:
+            self.policies[key] = make_policy(config.policy, config.pool_kernel)
+        return self.policies[key]
+
+
+RUNTIME: Runtime | None = None
+
+
+def request_config(runtime: Runtime, req) -> CompressionConfig:
+    """The server config with the request's per-request override applied (validated by
+    ``patches/tokenizer.py`` before the request reached the scheduler)."""
+    custom = getattr(req.sampling_params, "custom_params", None) or {}
+    override = custom.get("kv_compression") if isinstance(custom, dict) else None
+    if not override:
+        return runtime.config
+    try:
+        return runtime.config.with_overrides(override)
+    except ConfigError as exc:  # already rejected at the API; never crash the scheduler
+        logger.warning("bacon-sglang: ignoring invalid kv_compression override: %s", exc)
+        return runtime.config
+
+
+def unsupported(scheduler, kv_pool) -> list[str]:
+    """What compression cannot handle yet in this scheduler (empty when all is fine)."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    problems = []
+    spec = getattr(scheduler, "spec_algorithm", None)
+    if spec is not None and not spec.is_none():
+        problems.append("speculative decoding")
+    server_args = scheduler.server_args
+    if getattr(server_args, "enable_mixed_chunk", False):
+        problems.append("--enable-mixed-chunk")
+    for name in ("dp_size", "attn_dp_size", "pp_size"):
+        if (getattr(server_args, name, 1) or 1) > 1:
+            problems.append(f"--{name.replace('_', '-')} > 1")
+    for name in ("enable_hierarchical_cache", "enable_lmcache", "enable_hisparse"):
+        if getattr(server_args, name, False):
+            problems.append(f"--{name.replace('_', '-')}")
+    if (getattr(server_args, "disaggregation_mode", "null") or "null") != "null":
+        problems.append("prefill/decode disaggregation")
+    if (getattr(server_args, "kv_canary", "none") or "none") != "none":
+        problems.append("--kv-canary")
+    tree_cache = scheduler.tree_cache
+    if tree_cache.supports_swa() or tree_cache.supports_mamba():
+        problems.append("hybrid sliding-window / mamba models")
+    if type(kv_pool) is not MHATokenToKVPool:
+        problems.append(f"KV pool {type(kv_pool).__name__} (only MHATokenToKVPool)")
+    return problems
+
+
 def after_scheduler_init(result, scheduler, server_args, *args, **kwargs):
     """AFTER ``Scheduler.__init__(self, server_args, port_args, ...)``."""
+    global RUNTIME
+    from bacon_sglang.patches import unapplied_targets
+
     config = config_of(server_args)
     scheduler.bacon_kv_config = config
     logger.info("bacon-sglang: scheduler KV compression config: %s", config.to_dict())
+    if not config.enabled:
+        RUNTIME = None
+        return result
+    missing = unapplied_targets()
+    if missing:
+        raise RuntimeError(f"bacon-sglang: hooks not applied to {missing}; see the log above")
+    kv_pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
+    problems = unsupported(scheduler, kv_pool)
+    if problems:
+        raise RuntimeError(
+            f"--kv-policy {config.policy} cannot be used with: {', '.join(problems)}. "
+            "Remove those options or use --kv-policy none."
+        )
+    RUNTIME = Runtime(
+        config=config,
+        req_to_token_pool=scheduler.req_to_token_pool,
+        kv_pool=kv_pool,
+        tree_cache=scheduler.tree_cache,
+        page_size=scheduler.token_to_kv_pool_allocator.page_size,
+        num_layers=kv_pool.layer_num,
+        num_kv_heads=kv_pool.head_num,
+    )
+    return result
+
+
+def build_plan(runtime: Runtime, batch) -> list[PlanEntry]:
+    """Entries for the requests of an extend batch that are or will be compressed.
+
+    Marks each of them ``skip_radix_cache_insert`` (its KV will not match its token ids
+    once compressed, so it must never enter the tree; the prefix it matched stays shared)."""
+    entries = []
+    q_start = 0
+    extend_lens = batch.extend_lens or []
+    for i, req in enumerate(batch.reqs):
+        q_len = int(extend_lens[i]) if i < len(extend_lens) else 0
+        start, q_start = q_start, q_start + q_len
+        config = request_config(runtime, req)
+        full_len = len(req.full_untruncated_fill_ids)
+        prefix = req.kv.cache_protected_len
+        if q_len == 0 or not config.should_compress(full_len - prefix):
+            runtime.windows.pop(req.rid, None)
+            continue
+        req.skip_radix_cache_insert = True
+        window = runtime.windows.setdefault(req.rid, WindowQueries(config.window))
+        compression = None
+        if int(batch.seq_lens_cpu[i]) == full_len:  # the prompt ends in this forward
+            runtime.windows.pop(req.rid, None)
+            row = req.kv.req_pool_idx
+            slots = runtime.req_to_token_pool.req_to_token[row, :full_len].clone()
+            compression = plan_request(
+                config,
+                runtime.policy(config),
+                full_len,
+                prefix,
+                slots,
+                runtime.num_layers,
+                runtime.num_kv_heads,
+            )
+        entries.append(PlanEntry(req, start, q_len, window, compression))
+    return entries
+
+
+def dump_keep_sets(c: RequestCompression, rid: str) -> None:
+    """``--kv-debug-dir``: save the request's keep-sets (tests compare against them)."""
+    directory = Path(c.config.debug_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    record = {
+        "rid": rid,
+        "keep": c.keep.cpu(),
+        "prefix_len": c.prefix_len,
+        "prompt_len": c.prompt_len,
+        "kept": c.kept,
+    }
+    torch.save(record, directory / f"{rid}.pt")
+
+
+def apply_plan(runtime: Runtime, batch, entries: list[PlanEntry]) -> None:
+    """After the forward: free each compressed request's evicted slots and shorten its KV
+    length everywhere SGLang keeps it (``Req.kv``, the batch's ``seq_lens``)."""
+    ps = runtime.page_size
+    new_lens = {}
+    for entry in entries:
+        c = entry.compression
+        if c is None:
+            continue
+        req = entry.req
+        free_from = -(-c.new_len // ps) * ps
+        if free_from < c.prompt_len:
+            runtime.tree_cache.free_kv_row(req.kv, [(free_from, c.prompt_len)])
+        req.kv.kv_allocated_len = c.new_len
+        req.kv.kv_committed_len = c.new_len
+        req.bacon_position_offset = c.evicted
+        stats = c.stats(ps)
+        if req.customized_info is None:
+            req.customized_info = {}
+        req.customized_info["kv_compression"] = [stats]
+        runtime.compressed_requests += 1
+        runtime.evicted_tokens += c.evicted
+        runtime.freed_slots += stats["freed_slots"]
+        new_lens[id(req)] = c.new_len
+        if c.config.debug_dir:
+            dump_keep_sets(c, req.rid)
+        logger.info(
+            "bacon-sglang: compressed %s: policy=%s prompt=%d shared_prefix=%d kept=%d "
+            "evicted=%d freed_slots=%d",
+            req.rid, c.config.policy, c.prompt_len, c.prefix_len, c.new_len, c.evicted,
+            stats["freed_slots"],
+        )  # fmt: skip
+    if not new_lens:
+        return
+    current = batch.seq_lens_cpu.tolist()
+    lens = [new_lens.get(id(r), int(n)) for r, n in zip(batch.reqs, current, strict=True)]
+    delta = torch.tensor(lens, dtype=batch.seq_lens_cpu.dtype) - batch.seq_lens_cpu
+    # New tensors, never in place: the in-flight forward may still read the old ones.
+    batch.seq_lens_cpu = batch.seq_lens_cpu + delta
+    batch.seq_lens = batch.seq_lens + delta.to(batch.seq_lens.device, batch.seq_lens.dtype)
+    if getattr(batch, "orig_seq_lens", None) is not None:
+        batch.orig_seq_lens = batch.orig_seq_lens + delta.to(
+            batch.orig_seq_lens.device, batch.orig_seq_lens.dtype
+        )
+    batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
+
+
+def around_run_batch(original, scheduler, batch, *args, **kwargs):
+    """AROUND ``Scheduler.run_batch(self, batch, ...)``."""
+    runtime = RUNTIME
+    if runtime is None or batch.forward_mode.name != "EXTEND":
+        return original(scheduler, batch, *args, **kwargs)
+    entries = build_plan(runtime, batch)
+    if not entries:
+        return original(scheduler, batch, *args, **kwargs)
+    runtime.plan = entries
+    try:
+        result = original(scheduler, batch, *args, **kwargs)
+    finally:
+        runtime.plan = None
+    apply_plan(runtime, batch, entries)
+    return result
+
+
+def kv_memory(scheduler) -> dict:
+    """The KV pool's accounting and the compression counters of this scheduler.
+
+    When no request is running, ``available + evictable == total`` (every slot is either
+    free or owned by the radix tree): the integrity check the tests call."""
+    runtime = RUNTIME
+    return {
+        "total": scheduler.max_total_num_tokens,
+        "available": scheduler.token_to_kv_pool_allocator.available_size(),
+        "evictable": scheduler.tree_cache.evictable_size(),
+        "protected": scheduler.tree_cache.protected_size(),
+        "compressed_requests": runtime.compressed_requests if runtime else 0,
+        "evicted_tokens": runtime.evicted_tokens if runtime else 0,
+        "freed_slots": runtime.freed_slots if runtime else 0,
+    }
+
+
+def after_get_internal_state(result, scheduler, *args, **kwargs):
+    """AFTER ``Scheduler.get_internal_state``: adds ``bacon_kv`` (see :func:`kv_memory`) to
+    each scheduler's entry of ``GET /server_info``'s ``internal_states``."""
+    result.internal_state["bacon_kv"] = kv_memory(scheduler)
     return result
 
 
 HOOKS = [
     ("sglang.srt.managers.scheduler.Scheduler.__init__", after_scheduler_init, "AFTER"),
+    ("sglang.srt.managers.scheduler.Scheduler.run_batch", around_run_batch, "AROUND"),
+    (
+        "sglang.srt.managers.scheduler.Scheduler.get_internal_state",
+        after_get_internal_state,
+        "AFTER",
+    ),
 ]

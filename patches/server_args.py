@@ -47,8 +47,8 @@ def add_kv_flags(result, parser: argparse.ArgumentParser):
         kwargs = {"dest": f"kv_{field}", "default": None, "help": help_text}
         if field == "policy":
             kwargs["metavar"] = "{" + ",".join(POLICY_NAMES) + "}"
-        elif field == "budget":
-            kwargs["metavar"] = "N"
+        elif field == "debug_dir":
+            kwargs["metavar"] = "DIR"
         else:
             kwargs["metavar"] = "N"
         group.add_argument(flag, type=str, **kwargs)
@@ -62,7 +62,7 @@ def config_from_namespace(args: argparse.Namespace) -> CompressionConfig:
         raw = getattr(args, f"kv_{field}", None)
         if raw is None:
             continue
-        values[field] = raw if field in ("policy", "budget") else _parse_int(flag, raw)
+        values[field] = raw if field in ("policy", "budget", "debug_dir") else _parse_int(flag, raw)
     return CompressionConfig(**values)
 
 

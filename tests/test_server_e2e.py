@@ -88,3 +88,14 @@ def test_engine_takes_kv_keywords(tiny_model_path, tmp_path):
         "scheduler KV compression config: {'policy': 'snapkv', 'budget': 48, 'window': 16"
         in out.stderr
     )
+
+
+def test_readme_demo_prints_the_compression_report(tiny_model_path, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "bacon_sglang.demo", "--model-path", str(tiny_model_path)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "server policy     : --kv-policy bacon --kv-budget 64" in out.stdout
+    assert "kv compression    : kept 64 of " in out.stdout
+    assert "answer            : '" in out.stdout

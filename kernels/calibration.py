@@ -1,0 +1,192 @@
+"""BACON's calibration (steps 1-9 of ``../shared/BACON.md``) for a batch, on packed scores.
+
+Reference: :func:`bacon_sglang.paged.calibrate` (per request the functions of
+:mod:`bacon_sglang.scoring`). Same arguments, same :class:`~bacon_sglang.paged.Calibrated`.
+
+    _evidence_kernel   per (request, block of candidates), all KV heads at once:
+                       B = pool(mean), E = relu(pool(last) - B)
+    _value_kernel      V = E + pool(E) + Tr, same grid
+    torch              Tr (mean of the last 4 layers' E), the top-2K statistics
+                       (torch.topk over requests padded to the longest), lam, rho,
+                       S = B + lam * V
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from bacon_sglang import scoring
+from bacon_sglang.paged import Calibrated, WindowScores, candidate_indptr, per_request
+
+
+@triton.jit
+def _pooled(
+    src, row0, pos, t, heads, head_ok,
+    NUM_HEADS: tl.constexpr, KERNEL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """avg-pool (zero padding outside ``[0, t)``, divided by ``KERNEL``) of the packed scores
+    ``src`` of the request whose rows start at ``row0``, at positions ``pos``."""
+    acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
+    for u in tl.static_range(KERNEL):
+        p = pos + (u - KERNEL // 2)
+        ok = (p >= 0) & (p < t)
+        acc += tl.load(
+            src + (row0 + p)[:, None] * NUM_HEADS + heads[None, :],
+            mask=ok[:, None] & head_ok[None, :],
+            other=0.0,
+        )
+    return acc / KERNEL
+
+
+@triton.jit
+def _evidence_kernel(
+    mean, last, n_indptr, t_indptr, base_out, evidence_out,
+    NUM_HEADS: tl.constexpr, POOL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """Steps 1-3 per (request, block of candidates): ``B = pool(mean)``, ``E = relu(pool(last)
+    - B)``; ``mean``/``last`` rows start at ``n_indptr[b]``, outputs at ``t_indptr[b]``."""
+    b = tl.program_id(0)
+    n0 = tl.load(n_indptr + b)
+    t0 = tl.load(t_indptr + b)
+    t = tl.load(t_indptr + b + 1) - t0
+    if tl.program_id(1) * BLOCK_T >= t:
+        return
+    pos = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    heads = tl.arange(0, BLOCK_H)
+    head_ok = heads < NUM_HEADS
+    base = _pooled(mean, n0, pos, t, heads, head_ok, NUM_HEADS, POOL, BLOCK_T, BLOCK_H)
+    last_q = _pooled(last, n0, pos, t, heads, head_ok, NUM_HEADS, POOL, BLOCK_T, BLOCK_H)
+    out = (t0 + pos)[:, None] * NUM_HEADS + heads[None, :]
+    ok = (pos < t)[:, None] & head_ok[None, :]
+    tl.store(base_out + out, base, mask=ok)
+    tl.store(evidence_out + out, tl.maximum(last_q - base, 0.0), mask=ok)
+
+
+@triton.jit
+def _value_kernel(
+    evidence, trace, t_indptr, value_out,
+    NUM_HEADS: tl.constexpr, COHERENCE: tl.constexpr, HAS_TRACE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """Steps 4-6: ``V = E + pool(E) + Tr`` on the packed candidates."""
+    b = tl.program_id(0)
+    t0 = tl.load(t_indptr + b)
+    t = tl.load(t_indptr + b + 1) - t0
+    if tl.program_id(1) * BLOCK_T >= t:
+        return
+    pos = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    heads = tl.arange(0, BLOCK_H)
+    head_ok = heads < NUM_HEADS
+    out = (t0 + pos)[:, None] * NUM_HEADS + heads[None, :]
+    ok = (pos < t)[:, None] & head_ok[None, :]
+    value = tl.load(evidence + out, mask=ok, other=0.0)
+    value += _pooled(evidence, t0, pos, t, heads, head_ok, NUM_HEADS, COHERENCE, BLOCK_T, BLOCK_H)
+    if HAS_TRACE:
+        value += tl.load(trace + out, mask=ok, other=0.0)
+    tl.store(value_out + out, value, mask=ok)
+
+
+def _top_region_stats(
+    base: Tensor,
+    value: Tensor,
+    offsets: Tensor,
+    budgets: list[int],
+    firsts: list[int],
+    scale: float,
+    region: int,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Steps 7-8 per request and head over candidates ``[first, T)``: ``(lam, rho)`` ``[B, Hkv]``
+    (``lam`` includes ``rho``), as :func:`bacon_sglang.scoring.scale_match`."""
+    lens = offsets.diff().tolist()
+    batch, heads, dev = len(lens), base.shape[1], base.device
+    spans = [t - f for t, f in zip(lens, firsts, strict=True)]
+    k2 = torch.tensor(
+        [max(0, min(region * k, s)) for k, s in zip(budgets, spans, strict=True)], device=dev
+    )
+    top = int(k2.max()) if batch else 0
+    if top == 0:
+        zeros = torch.zeros(batch, heads, device=dev)
+        return zeros, zeros.clone()
+    width = max(spans)
+    cols = torch.arange(width, device=dev)
+    first = offsets[:-1] + torch.tensor(firsts, device=dev)
+    rows = (first[:, None] + cols).clamp(max=base.shape[0] - 1)  # [B, width]
+    inside = cols < torch.tensor(spans, device=dev)[:, None]
+
+    def top_values(x: Tensor) -> Tensor:  # [B, top, Hkv], the top-k2 of each request in front
+        padded = torch.where(inside[..., None], x[rows], float("-inf"))
+        return torch.topk(padded, top, dim=1).values
+
+    ranked = (torch.arange(top, device=dev) < k2[:, None])[..., None]  # [B, top, 1]
+    count = k2.clamp(min=1)[:, None].float()
+
+    def moments(x: Tensor) -> tuple[Tensor, Tensor]:
+        x = torch.where(ranked, x, 0.0)
+        mean = x.sum(dim=1) / count
+        var = torch.where(ranked, x - mean[:, None], 0.0).square().sum(dim=1) / count
+        return mean, var.sqrt()
+
+    b_mean, b_std = moments(top_values(base))
+    v_mean, v_std = moments(top_values(value))
+    lam = scale * b_std / (v_std + eps)
+    rho = (v_mean / (b_mean + eps)).clamp(0.0, 1.0)
+    present = (k2 > 0)[:, None]
+    return torch.where(present, rho * lam, 0.0), torch.where(present, rho, 0.0)
+
+
+def calibrate(
+    window_scores: WindowScores,
+    q_indptr: Tensor,
+    budget: int | Tensor | Sequence[int],
+    prev_evidence: Sequence[Tensor] = (),
+    first_candidate: int | Tensor | Sequence[int] = 0,
+    *,
+    pool_kernel: int = scoring.POOL_KERNEL,
+    coherence_kernel: int = scoring.COHERENCE_KERNEL,
+    history: int = scoring.HISTORY,
+    scale: float = scoring.SCALE,
+    region: int = scoring.REGION,
+    eps: float = scoring.EPS,
+    block_t: int | None = None,
+) -> Calibrated:
+    """Launcher; arguments and result as :func:`bacon_sglang.paged.calibrate`, plus
+    ``block_t``, candidates per program (128 on GPU, up to 1024 under the interpreter)."""
+    for kernel in (pool_kernel, coherence_kernel):
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"pool kernel must be odd and positive, got {kernel}")
+    mean, last = window_scores.mean, window_scores.last
+    heads, dev = mean.shape[1], mean.device
+    offsets = candidate_indptr(window_scores, q_indptr).to(dev)
+    lens = offsets.diff().tolist()
+    batch, total = len(lens), int(offsets[-1])
+    budgets = per_request(budget, batch)
+    firsts = per_request(first_candidate, batch)
+    if any(not 0 <= f <= t for f, t in zip(firsts, lens, strict=True)):
+        raise ValueError("first_candidate must lie in [0, T]")
+
+    same = [e for e in prev_evidence if e.shape == (total, heads)]
+    same = same[-history:] if history > 0 else []
+    trace = torch.stack([e.float() for e in same]).mean(dim=0) if same else None
+    base, evidence, value = (torch.empty(total, heads, device=dev) for _ in range(3))
+    if total:
+        if block_t is None:
+            block_t = 128 if dev.type == "cuda" else min(1024, triton.next_power_of_2(max(lens)))
+        grid = (batch, triton.cdiv(max(lens), block_t))
+        tiles = dict(NUM_HEADS=heads, BLOCK_T=block_t, BLOCK_H=triton.next_power_of_2(heads))
+        _evidence_kernel[grid](
+            mean, last, window_scores.indptr.to(dev), offsets, base, evidence,
+            POOL=pool_kernel, **tiles,
+        )  # fmt: skip
+        _value_kernel[grid](
+            evidence, evidence if trace is None else trace, offsets, value,
+            COHERENCE=coherence_kernel, HAS_TRACE=trace is not None, **tiles,
+        )  # fmt: skip
+    lam, rho = _top_region_stats(base, value, offsets, budgets, firsts, scale, region, eps)
+    lam_rows = lam.repeat_interleave(offsets.diff(), dim=0, output_size=total)
+    return Calibrated(base + lam_rows * value, evidence, base, lam, rho, offsets)

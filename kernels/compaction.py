@@ -1,0 +1,112 @@
+"""In-place per-head compaction of the kept tokens, all layers and requests in one launch.
+
+Reference: :func:`bacon_sglang.paged.compact` (same arguments; the picture of the slot ranges
+is there). Bytes are copied as integers of the element's width, so the result is bit-exact
+for any K/V dtype (bf16, fp16, fp32, fp8).
+
+Grid: (request, layer, KV head). A program walks its keep list in chunks of ``BLOCK_J``
+entries, in order; per chunk it loads all source rows, waits at a barrier, then stores.
+
+Why no staging buffer is needed: within one (layer, head) the keep positions are strictly
+increasing and ``>= P``, so ``keep[j] >= P + j``. A chunk writes positions
+``[P + c, P + c + BLOCK_J)``; every later chunk reads positions ``keep[j] >= P + c + BLOCK_J``,
+never one already written, and the chunk's own sources are all loaded before the barrier,
+so it may overwrite them. Different (layer, head) pairs touch disjoint bytes, different
+requests disjoint slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from bacon_sglang.paged import KVIndex
+
+from .window_scores import slot_of
+
+_TL_BITS = {1: tl.int8, 2: tl.int16, 4: tl.int32, 8: tl.int64}
+
+
+@triton.jit
+def _compact_kernel(
+    k_ptrs, v_ptrs, table, starts, prefix_lens, keep, keep_indptr, keep_stride_l, keep_stride_h,
+    stride_ks, stride_kh, stride_vs, stride_vh,
+    ELEM: tl.constexpr, PAGE: tl.constexpr, DIM_K: tl.constexpr, DIM_V: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    req = tl.program_id(0)
+    layer = tl.program_id(1)
+    h = tl.program_id(2)
+    k_buf = tl.load(k_ptrs + layer).to(tl.pointer_type(ELEM))
+    v_buf = tl.load(v_ptrs + layer).to(tl.pointer_type(ELEM))
+    start = tl.load(starts + req)
+    prefix = tl.load(prefix_lens + req)
+    k0 = tl.load(keep_indptr + req)
+    count = tl.load(keep_indptr + req + 1) - k0
+    keep_row = keep + layer * keep_stride_l + h * keep_stride_h + k0
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    for c in range(0, count, BLOCK_J):
+        j = c + tl.arange(0, BLOCK_J)
+        src_pos = tl.load(keep_row + j, mask=j < count, other=0)
+        move = (j < count) & (src_pos != prefix + j)  # tokens already in place stay
+        src = slot_of(table, start, src_pos, move, PAGE)
+        dst = slot_of(table, start, prefix + j, move, PAGE)
+        k_mask = move[:, None] & (dk < DIM_K)[None, :]
+        v_mask = move[:, None] & (dv < DIM_V)[None, :]
+        k_rows = tl.load(k_buf + src[:, None] * stride_ks + h * stride_kh + dk[None, :], k_mask)
+        v_rows = tl.load(v_buf + src[:, None] * stride_vs + h * stride_vh + dv[None, :], v_mask)
+        tl.debug_barrier()  # every source of this chunk is read before any write
+        tl.store(k_buf + dst[:, None] * stride_ks + h * stride_kh + dk[None, :], k_rows, k_mask)
+        tl.store(v_buf + dst[:, None] * stride_vs + h * stride_vh + dv[None, :], v_rows, v_mask)
+
+
+def _layer_pointers(buffers: Sequence[Tensor]) -> tuple[Tensor, tuple[int, ...], torch.dtype]:
+    first = buffers[0]
+    for buf in buffers:
+        if buf.shape != first.shape or buf.stride() != first.stride() or buf.dtype != first.dtype:
+            raise ValueError("all layers' buffers need one shape, stride and dtype")
+    if first.stride(2) != 1:
+        raise ValueError("buffers need a contiguous head_dim")
+    ptrs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
+    return ptrs.to(first.device, non_blocking=True), first.stride(), first.dtype
+
+
+def compact(
+    k_buffers: Sequence[Tensor],
+    v_buffers: Sequence[Tensor],
+    index: KVIndex,
+    prefix_lens: Tensor,
+    keep: Tensor,
+    keep_indptr: Tensor,
+    *,
+    block_j: int = 64,
+) -> None:
+    """Launcher; arguments as :func:`bacon_sglang.paged.compact` (the precondition on
+    ``keep`` is not checked here: call :func:`bacon_sglang.paged.check_keep` to check it)."""
+    num_layers, heads, _ = keep.shape
+    if len(k_buffers) != num_layers or len(v_buffers) != num_layers:
+        raise ValueError(f"keep has {num_layers} layers, got {len(k_buffers)} K buffers")
+    if keep.stride(2) != 1:
+        keep = keep.contiguous()
+    k_ptrs, k_stride, k_dtype = _layer_pointers(k_buffers)
+    v_ptrs, v_stride, v_dtype = _layer_pointers(v_buffers)
+    size = k_dtype.itemsize
+    if v_dtype.itemsize != size or size not in _TL_BITS:
+        raise ValueError(f"unsupported K/V dtypes {k_dtype}, {v_dtype}")
+    dev = k_buffers[0].device
+    batch = len(keep_indptr) - 1
+    if batch == 0 or keep.shape[-1] == 0:
+        return
+    dim_k, dim_v = k_buffers[0].shape[2], v_buffers[0].shape[2]
+    _compact_kernel[(batch, num_layers, heads)](
+        k_ptrs, v_ptrs, index.table, index.start.to(dev), prefix_lens.to(dev), keep,
+        keep_indptr.to(dev), keep.stride(0), keep.stride(1),
+        k_stride[0], k_stride[1], v_stride[0], v_stride[1],
+        ELEM=_TL_BITS[size], PAGE=index.page_size, DIM_K=dim_k, DIM_V=dim_v, BLOCK_J=block_j,
+        BLOCK_DK=triton.next_power_of_2(dim_k), BLOCK_DV=triton.next_power_of_2(dim_v),
+    )  # fmt: skip

@@ -1,0 +1,88 @@
+"""Hook on ``sglang.srt.layers.attention.base_attn_backend.AttentionBackend.forward``.
+
+Every attention backend that does not override ``forward`` (torch_native, triton,
+flashinfer, fa3, ...) goes through it, once per layer, with the rotated queries of the
+forward's new tokens and the layer's KV already written to the pool. When the scheduler
+has a compression plan for the current extend batch (``patches/scheduler.py``), after the
+layer's attention (AFTER, so this forward's own attention saw the full KV):
+
+1. each planned request's last ``w`` query rows are taken (and stashed for a request whose
+   prompt continues in a later chunk);
+2. for a request whose prompt ends in this forward, its keys for the whole prompt are read
+   from the pool through its ``req_to_token`` snapshot, and the policy's keep-set for this
+   layer is recorded;
+3. after the last layer, the kept K/V of every layer are compacted in place, in one call
+   (``bacon_sglang.kernels.compact``). No later layer of this forward reads those layers.
+
+``HybridAttnBackend`` calls its sub-backends' ``forward`` with keywords, hence the
+unpacking below.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bacon_sglang import kernels
+from bacon_sglang.paged import KVIndex
+from bacon_sglang.patches import scheduler as scheduler_patch
+
+_ARG_NAMES = ("q", "k", "v", "layer", "forward_batch")
+
+
+def _arguments(args, kwargs) -> dict:
+    bound = dict(zip(_ARG_NAMES, args, strict=False))
+    bound.update({k: kwargs[k] for k in _ARG_NAMES if k in kwargs})
+    return bound
+
+
+def after_attention_forward(result, backend, *args, **kwargs):
+    """AFTER ``AttentionBackend.forward(self, q, k, v, layer, forward_batch, ...)``."""
+    runtime = scheduler_patch.RUNTIME
+    if runtime is None or runtime.plan is None:
+        return result
+    a = _arguments(args, kwargs)
+    layer, forward_batch = a["layer"], a["forward_batch"]
+    if forward_batch.forward_mode.name != "EXTEND":
+        return result
+    q = a["q"].reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+    with torch.no_grad():
+        score_layer(runtime, layer, q)
+        if layer.layer_id == runtime.num_layers - 1:
+            compact_all(runtime)
+    return result
+
+
+def score_layer(runtime, layer, q: torch.Tensor) -> None:
+    """Steps 1-2 for every planned request at this layer."""
+    keys_buffer = runtime.kv_pool.get_key_buffer(layer.layer_id)
+    for entry in runtime.plan:
+        rows = q[entry.q_start : entry.q_start + entry.q_len]
+        q_window = entry.window.add(layer.layer_id, rows)
+        c = entry.compression
+        if c is None:
+            continue
+        keys = keys_buffer[c.slots.long()]
+        c.score_layer(layer.layer_id, q_window, keys, layer.scaling)
+
+
+def compact_all(runtime) -> None:
+    """Step 3: move every compressed request's kept tokens, all layers, in one call."""
+    plans = [e.compression for e in runtime.plan if e.compression is not None]
+    if not plans:
+        return
+    pool = runtime.kv_pool
+    keep = torch.cat([c.keep for c in plans], dim=2)
+    counts = torch.tensor([0] + [c.kept for c in plans])
+    keep_indptr = torch.cumsum(counts, 0).to(keep.device)
+    prefix_lens = torch.tensor([c.prefix_len for c in plans], device=keep.device)
+    index = KVIndex.from_rows([c.slots for c in plans])
+    kernels.compact(pool.k_buffer, pool.v_buffer, index, prefix_lens, keep, keep_indptr)
+
+
+HOOKS = [
+    (
+        "sglang.srt.layers.attention.base_attn_backend.AttentionBackend.forward",
+        after_attention_forward,
+        "AFTER",
+    ),
+]

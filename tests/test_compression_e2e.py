@@ -1,0 +1,297 @@
+"""Compression inside SGLang's real engine (CPU without a GPU), checked against a plain
+transformers reference that decodes the same tiny model from a KV cache reduced to the same
+per-head keep-sets at the same logical positions. Every test ends with the allocator
+integrity check: when idle, every slot is free or owned by the radix tree."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+
+import pytest
+import requests
+import torch
+
+from bacon_sglang.demo import demo_image
+from bacon_sglang.server import running_server
+
+pytestmark = pytest.mark.engine
+
+MAX_NEW = 8
+
+
+def image_url(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_path):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_path):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        tiny_model_path, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    return model.eval()
+
+
+def chat_prompt(processor, question: str, with_image: bool = True) -> str:
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def generate(
+    base_url: str, text: str, img=None, max_new: int = MAX_NEW, override=None, **extra
+) -> dict:
+    """POST /generate (greedy, logprobs); ``override`` is a per-request kv_compression."""
+    sampling = {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}
+    if override is not None:
+        sampling["custom_params"] = {"kv_compression": override}
+    body = {"text": text, "sampling_params": sampling, "return_logprob": True, **extra}
+    if img is not None:
+        body["image_data"] = image_url(img)
+    reply = requests.post(base_url + "/generate", json=body, timeout=600)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def kv_memory(base_url: str) -> dict:
+    info = requests.get(base_url + "/server_info", timeout=60).json()
+    return info["internal_states"][0]["bacon_kv"]
+
+
+def assert_integrity(base_url: str) -> dict:
+    """Idle server: free + tree-owned == total, nothing protected."""
+    deadline = time.monotonic() + 30
+    while True:
+        mem = kv_memory(base_url)
+        ok = mem["available"] + mem["evictable"] == mem["total"] and mem["protected"] == 0
+        if ok or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert mem["available"] + mem["evictable"] == mem["total"], mem
+    assert mem["protected"] == 0, mem
+    return mem
+
+
+def reference_decode(hf_model, processor, text: str, img, record: dict, n: int):
+    """Greedy tokens and their logprobs from transformers with the KV cache reduced to
+    ``record["keep"]`` ([layers, Hkv, kept] positions) and logical positions."""
+    inputs = processor(text=[text], images=[img] if img is not None else None, return_tensors="pt")
+    prompt_len = inputs["input_ids"].shape[1]
+    assert prompt_len == record["prompt_len"]
+    keep = record["keep"]
+    with torch.no_grad():
+        hf_model.model.rope_deltas = None  # cached by the model across calls
+        out = hf_model(**inputs, use_cache=True)
+        cache = out.past_key_values
+        for layer_id, layer in enumerate(cache.layers):
+            idx = keep[layer_id][None, :, :, None]  # [1, Hkv, kept, 1]
+            layer.keys = layer.keys.gather(2, idx.expand(-1, -1, -1, layer.keys.shape[-1]))
+            layer.values = layer.values.gather(2, idx.expand(-1, -1, -1, layer.values.shape[-1]))
+        delta = hf_model.model.rope_deltas
+        delta = int(delta.flatten()[0]) if delta is not None else 0
+        logits = out.logits[0, -1].float()
+        tokens, logprobs = [], []
+        kv_len = keep.shape[-1]
+        for t in range(n):
+            token = int(logits.argmax())
+            tokens.append(token)
+            logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+            if t == n - 1:
+                break
+            position = torch.full((3, 1, 1), prompt_len + t + delta, dtype=torch.long)
+            step = hf_model(
+                input_ids=torch.tensor([[token]]),
+                past_key_values=cache,
+                position_ids=position,
+                cache_position=torch.tensor([kv_len + t]),
+                use_cache=True,
+            )
+            cache = step.past_key_values
+            logits = step.logits[0, -1].float()
+    return tokens, logprobs
+
+
+def served_tokens(reply: dict) -> tuple[list[int], list[float]]:
+    pairs = reply["meta_info"]["output_token_logprobs"]
+    return [int(p[1]) for p in pairs], [float(p[0]) for p in pairs]
+
+
+SERVER_CONFIGS = {
+    "page1-overlap": ["--kv-policy", "bacon", "--kv-budget", "64"],
+    "page16-chunked-no-overlap": [
+        "--kv-policy", "snapkv", "--kv-budget", "96", "--page-size", "16",
+        "--chunked-prefill-size", "128", "--disable-overlap-schedule",
+    ],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=sorted(SERVER_CONFIGS))
+def server(request, tiny_model_path, tmp_path_factory):
+    debug_dir = tmp_path_factory.mktemp("keep")
+    args = SERVER_CONFIGS[request.param] + [
+        "--dtype", "float32", "--max-total-tokens", "6144", "--kv-debug-dir", str(debug_dir),
+    ]  # fmt: skip
+    with running_server(tiny_model_path, args) as s:
+        s.debug_dir = debug_dir
+        s.config_name = request.param
+        yield s
+
+
+def test_compressed_decode_matches_reference(server, processor, hf_model):
+    img = demo_image()
+    text = chat_prompt(processor, "Describe the picture in detail, row by row.")
+    reply = generate(server.base_url, text, img)
+    report = reply["meta_info"]["kv_compression"]
+    budget = 64 if server.config_name == "page1-overlap" else 96
+    assert report["budget"] == budget
+    assert report["kept_tokens"] == report["shared_prefix_tokens"] + budget
+    assert report["evicted_tokens"] == report["prompt_tokens"] - report["kept_tokens"]
+    record = torch.load(server.debug_dir / f"{reply['meta_info']['id']}.pt")
+    assert record["keep"].shape[-1] == budget
+    tokens, logprobs = served_tokens(reply)
+    ref_tokens, ref_logprobs = reference_decode(hf_model, processor, text, img, record, MAX_NEW)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(
+        torch.tensor(logprobs), torch.tensor(ref_logprobs), atol=2e-3, rtol=0
+    )
+    assert_integrity(server.base_url)
+
+
+def test_uncompressed_when_budget_exceeds_prompt(server, processor, hf_model):
+    """A short prompt is served exactly as without compression (no report)."""
+    text = chat_prompt(processor, "Hi.", with_image=False)
+    reply = generate(server.base_url, text)
+    assert "kv_compression" not in reply["meta_info"]
+    full = {"keep": torch.arange(reply["meta_info"]["prompt_tokens"]).expand(4, 2, -1)}
+    full["prompt_len"] = reply["meta_info"]["prompt_tokens"]
+    tokens, logprobs = served_tokens(reply)
+    ref_tokens, ref_logprobs = reference_decode(hf_model, processor, text, None, full, MAX_NEW)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(
+        torch.tensor(logprobs), torch.tensor(ref_logprobs), atol=2e-3, rtol=0
+    )
+    assert_integrity(server.base_url)
+
+
+def test_memory_is_freed_while_decoding(server, processor):
+    """During decode a compressed request holds kept + generated slots, not its prompt."""
+    text = chat_prompt(processor, "Describe the picture.")
+    before = assert_integrity(server.base_url)
+    result = {}
+    worker = threading.Thread(
+        target=lambda: result.update(generate(server.base_url, text, demo_image(), max_new=120))
+    )
+    worker.start()
+    samples = []
+    while worker.is_alive():
+        mem = kv_memory(server.base_url)
+        samples.append(mem["total"] - mem["available"] - mem["evictable"])
+        time.sleep(0.1)
+    worker.join()
+    report = result["meta_info"]["kv_compression"]
+    after = assert_integrity(server.base_url)
+    assert after["freed_slots"] - before["freed_slots"] == report["freed_slots"]
+    assert report["freed_slots"] >= report["evicted_tokens"] - 16 > 0
+    in_use = [n for n in samples if n > 0]
+    assert in_use, "the request was never observed"
+    bound = report["kept_tokens"] + 120 + 16
+    assert bound < report["prompt_tokens"]
+    # Most samples fall in the decode phase, where the request holds at most `bound` slots.
+    assert sorted(in_use)[len(in_use) // 2] <= bound
+
+
+def test_concurrent_mixed_requests_and_abort_leak_nothing(server, processor):
+    long_text = chat_prompt(processor, "Tell me about the shapes.")
+    short_text = chat_prompt(processor, "Hello there.", with_image=False)
+    replies = []
+
+    def send(text, img):
+        replies.append(generate(server.base_url, text, img, max_new=12))
+
+    threads = [threading.Thread(target=send, args=(long_text, demo_image())) for _ in range(3)]
+    threads += [threading.Thread(target=send, args=(short_text, None)) for _ in range(2)]
+    # An aborted request, mid-decode.
+    aborted = threading.Thread(
+        target=lambda: generate(
+            server.base_url, long_text, demo_image(), max_new=400, rid="abort-me"
+        )
+    )
+    aborted.start()
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    requests.post(server.base_url + "/abort_request", json={"rid": "abort-me"}, timeout=60)
+    for t in threads:
+        t.join()
+    aborted.join()
+    assert len(replies) == 5
+    compressed = [r for r in replies if "kv_compression" in r["meta_info"]]
+    assert len(compressed) == 3
+    assert all(r["meta_info"]["completion_tokens"] == 12 for r in replies)
+    assert_integrity(server.base_url)
+
+
+def test_radix_prefix_is_shared_and_compressed_kv_never_matched(server):
+    """An uncompressed request (per-request override: none) puts its prompt in the radix
+    tree; longer compressed requests starting with it reuse it as their shared prefix and
+    compress only the rest; compressed KV is never inserted, so identical compressed
+    requests match the same prefix and decode identically."""
+    img = demo_image()
+    head = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Look at the grid."
+    tail = " Now describe every row of the grid, one by one, and name each shape." * 6
+    plain = generate(server.base_url, head, img, override={"policy": "none"})
+    assert "kv_compression" not in plain["meta_info"]
+    second = generate(server.base_url, head + tail, img)
+    third = generate(server.base_url, head + tail, img)
+    for reply in (second, third):
+        report = reply["meta_info"]["kv_compression"]
+        cached = reply["meta_info"]["cached_tokens"]
+        assert 0 < cached <= plain["meta_info"]["prompt_tokens"]
+        assert report["shared_prefix_tokens"] == cached
+        assert report["kept_tokens"] == cached + report["budget"]
+    assert served_tokens(second) == served_tokens(third)
+    fourth = generate(server.base_url, head + tail + " More.", img)
+    assert fourth["meta_info"]["cached_tokens"] == second["meta_info"]["cached_tokens"]
+    assert_integrity(server.base_url)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"policy": "bogus"}, "--kv-policy: unknown policy 'bogus'"),
+        ({"budget": 0}, "--kv-budget: must be positive"),
+        ({"kv_bugdet": 64}, "unknown key 'kv_bugdet'"),
+        ("bacon", "must be a JSON object"),
+    ],
+)
+def test_malformed_override_is_a_clear_400(server, override, message):
+    body = {
+        "text": "hello",
+        "sampling_params": {"max_new_tokens": 2, "custom_params": {"kv_compression": override}},
+    }
+    reply = requests.post(server.base_url + "/generate", json=body, timeout=60)
+    assert reply.status_code == 400
+    assert message in reply.text
+    assert_integrity(server.base_url)
+
+
+def test_override_changes_the_budget(server, processor):
+    text = chat_prompt(processor, "Describe the picture.")
+    reply = generate(server.base_url, text, demo_image(), override={"budget": 128})
+    report = reply["meta_info"]["kv_compression"]
+    assert report["budget"] == 128
+    assert report["kept_tokens"] == report["shared_prefix_tokens"] + 128
+    assert_integrity(server.base_url)
