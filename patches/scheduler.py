@@ -22,6 +22,7 @@ import torch
 
 from bacon_sglang.compression import RequestCompression, WindowQueries, plan_request
 from bacon_sglang.config import CompressionConfig, ConfigError
+from bacon_sglang.patches.metrics import CompressionCounters, make_counters
 from bacon_sglang.patches.server_args import config_of
 from bacon_sglang.policies import Policy, make_policy
 
@@ -56,6 +57,7 @@ class Runtime:
     compressed_requests: int = 0
     evicted_tokens: int = 0
     freed_slots: int = 0
+    counters: CompressionCounters | None = None  # Prometheus, with --enable-metrics
 
     def policy(self, config: CompressionConfig) -> Policy:
         key = (config.policy, config.pool_kernel)
@@ -139,6 +141,7 @@ def after_scheduler_init(result, scheduler, server_args, *args, **kwargs):
         page_size=scheduler.token_to_kv_pool_allocator.page_size,
         num_layers=kv_pool.layer_num,
         num_kv_heads=kv_pool.head_num,
+        counters=make_counters() if getattr(server_args, "enable_metrics", False) else None,
     )
     return result
 
@@ -217,6 +220,8 @@ def apply_plan(runtime: Runtime, batch, entries: list[PlanEntry]) -> None:
         runtime.compressed_requests += 1
         runtime.evicted_tokens += c.evicted
         runtime.freed_slots += stats["freed_slots"]
+        if runtime.counters is not None:
+            runtime.counters.record(c.evicted, stats["freed_slots"])
         new_lens[id(req)] = c.new_len
         if c.config.debug_dir:
             dump_keep_sets(c, req.rid)

@@ -8,6 +8,13 @@ import pytest
 
 from bacon_sglang import cpu_shim
 
+# The whole session (and the SGLang servers it starts, which inherit the environment) runs
+# the Triton kernels in Triton's interpreter on CPU: the kernel tests compare them with their
+# references, and the engine tests then run the same kernels inside SGLang. Set before
+# anything imports triton (sglang does). One BLAS thread: interpreted dots otherwise fight
+# torch's threads for the 2 cores.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Without a GPU, SGLang's modules import only with the CPU engine and the sgl_kernel stand-in.

@@ -130,7 +130,7 @@ def served_tokens(reply: dict) -> tuple[list[int], list[float]]:
 
 
 SERVER_CONFIGS = {
-    "page1-overlap": ["--kv-policy", "bacon", "--kv-budget", "64"],
+    "page1-overlap": ["--kv-policy", "bacon", "--kv-budget", "64", "--enable-metrics"],
     "page16-chunked-no-overlap": [
         "--kv-policy", "snapkv", "--kv-budget", "96", "--page-size", "16",
         "--chunked-prefill-size", "128", "--disable-overlap-schedule",
@@ -294,4 +294,45 @@ def test_override_changes_the_budget(server, processor):
     report = reply["meta_info"]["kv_compression"]
     assert report["budget"] == 128
     assert report["kept_tokens"] == report["shared_prefix_tokens"] + 128
+    assert_integrity(server.base_url)
+
+
+def test_prometheus_counters_match_the_pool_accounting(server, processor):
+    if server.config_name != "page1-overlap":
+        pytest.skip("metrics are enabled on one server only")
+    generate(server.base_url, chat_prompt(processor, "Describe the picture."), demo_image())
+    mem = assert_integrity(server.base_url)
+    text = requests.get(server.base_url + "/metrics", timeout=60).text
+    values = {}
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name.startswith("sglang:bacon_") and name.endswith("_total"):
+            values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    assert values["sglang:bacon_compressed_requests_total"] == mem["compressed_requests"] > 0
+    assert values["sglang:bacon_evicted_tokens_total"] == mem["evicted_tokens"]
+    assert values["sglang:bacon_freed_slots_total"] == mem["freed_slots"]
+
+
+def test_frontend_program_multi_turn(server, tmp_path):
+    """An SGLang frontend program (sgl.image + sgl.gen, two turns) against the compressing
+    server: both turns are answered and report their compression."""
+    import sglang as sgl
+
+    @sgl.function
+    def describe(s, image_path):
+        s += sgl.user(sgl.image(image_path) + "What is in row 3?")
+        s += sgl.assistant(sgl.gen("first", max_tokens=6, temperature=0))
+        s += sgl.user("And in row 4?")
+        s += sgl.assistant(sgl.gen("second", max_tokens=6, temperature=0))
+
+    path = tmp_path / "grid.png"
+    demo_image().save(path)
+    state = describe.run(image_path=str(path), backend=sgl.RuntimeEndpoint(server.base_url))
+    first, second = state.get_meta_info("first"), state.get_meta_info("second")
+    assert state["first"] and state["second"]
+    assert first["completion_tokens"] == 6 and second["completion_tokens"] == 6
+    assert second["prompt_tokens"] > first["prompt_tokens"]
+    for meta in (first, second):
+        report = meta["kv_compression"]
+        assert report["kept_tokens"] == report["shared_prefix_tokens"] + report["budget"]
     assert_integrity(server.base_url)

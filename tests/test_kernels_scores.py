@@ -224,3 +224,26 @@ def test_dispatcher(device):
     auto = kernels.window_scores(q, q_indptr, k_buffer, index)
     want = kernels.window_scores(q, q_indptr, k_buffer, index, backend="triton")
     assert torch.equal(auto.mean, want.mean)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_index_layouts_name_the_same_slots(page_size):
+    gen = torch.Generator().manual_seed(page_size)
+    req_to_token, pool_idx, pages, _ = allocate(LENS, page_size, gen)
+    lens = torch.tensor(LENS)
+    rows = [req_to_token[r + 1, :n] for r, n in enumerate(LENS)]
+    entries = pages if page_size > 1 else rows
+    layouts = [
+        paged.KVIndex.from_req_to_token(req_to_token, pool_idx, lens),
+        paged.KVIndex.from_rows(rows),
+        paged.KVIndex.from_csr(
+            paged.indptr(torch.tensor([len(e) for e in entries])), torch.cat(entries), lens,
+            page_size,
+        ),
+    ]  # fmt: skip
+    for b, row in enumerate(rows):
+        for index in layouts:
+            assert torch.equal(index.slots(b), row.long())
+    slots = torch.cat(rows).long()
+    assert len(set(slots.tolist())) == len(slots) and int(slots.min()) >= page_size  # page 0 free
+    assert torch.equal(slots % page_size, torch.cat([torch.arange(n) for n in LENS]) % page_size)
