@@ -43,3 +43,28 @@ def tiny_model_path():
     from bacon_sglang.models.tiny import ensure_tiny_model
 
     return ensure_tiny_model()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared CPU (5x slower)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def kernel_device() -> str:
+    """Where the Triton kernels run: CPU in the interpreter, else CUDA."""
+    import torch
+
+    from bacon_sglang import kernels
+
+    if kernels.interpreted():
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.fail("Triton was imported before TRITON_INTERPRET=1 was set and there is no GPU")

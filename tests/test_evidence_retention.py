@@ -16,13 +16,7 @@ sys.modules[_SPEC.name] = er  # dataclasses look their module up by name
 _SPEC.loader.exec_module(er)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared CPU (5x slower)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SCENE = er.Scene(rows=16, cols=16, num_layers=6, num_kv_heads=2)

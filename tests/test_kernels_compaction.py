@@ -5,32 +5,20 @@ On CPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, which mu
 before triton is first imported); on CUDA when interpreting is off and a GPU is present.
 """
 
-import os
+import math
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (sglang does)
-# the interpreter runs tl.dot in numpy; OpenBLAS threads on small tiles only fight torch's
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import pytest
+import torch
 
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from bacon_sglang import kernels, paged  # noqa: E402
+from bacon_sglang import kernels, paged
 
 LAYERS = 3
 
 
 @pytest.fixture(scope="module")
-def device() -> str:
-    if kernels.interpreted():
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
-    pytest.fail(
-        "Triton was imported before TRITON_INTERPRET=1 was set (sglang imports it): run "
-        "the kernel tests in their own process, TRITON_INTERPRET=1 pytest tests/test_kernels_*.py"
-    )
+def device(kernel_device) -> str:
+    """CPU in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest), else CUDA."""
+    return kernel_device
 
 
 def allocate(lens, page_size, gen):
