@@ -71,9 +71,7 @@ def compact_all(runtime) -> None:
     if not plans:
         return
     pool = runtime.kv_pool
-    keep = torch.cat([c.keep for c in plans], dim=2)
-    counts = torch.tensor([0] + [c.kept for c in plans])
-    keep_indptr = torch.cumsum(counts, 0).to(keep.device)
+    keep, keep_indptr = kernels.pack_keep([c.keep for c in plans])
     prefix_lens = torch.tensor([c.prefix_len for c in plans], device=keep.device)
     index = KVIndex.from_rows([c.slots for c in plans])
     kernels.compact(pool.k_buffer, pool.v_buffer, index, prefix_lens, keep, keep_indptr)
