@@ -3,9 +3,10 @@
 The data path, one step per function::
 
     prefill layer l ──> window queries of the last w prompt tokens  (WindowQueries)
-                   ──> window attention over all L prompt keys      (scoring.window_attention)
-                   ──> policy keep-set [Hkv, kept]                  (RequestCompression.score_layer)
-    after layer L-1 ──> compaction of every layer, in place          (bacon_sglang.kernels.compact)
+                   ──> window scores from K in the pool, calibration, keep-set [Hkv, kept],
+                       batched over the finishing requests           (kernels.keep_sets)
+                   ──> recorded per request                          (RequestCompression.record)
+    after layer L-1 ──> compaction of every layer, in place          (kernels.compact)
     scheduler       ──> slots [ceil(P + kept), L) freed, KV length P + kept
 
 The ranges of one request's ``req_to_token`` row (positions, not slots)::
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from bacon_sglang.config import CompressionConfig
 from bacon_sglang.policies import Policy, RequestState
-from bacon_sglang.scoring import window_attention
+from bacon_sglang.scoring import HISTORY, window_attention
 
 
 @dataclass
@@ -85,10 +86,26 @@ class RequestCompression:
     def evicted(self) -> int:
         return self.prompt_len - self.new_len
 
+    def record(self, layer_id: int, keep: Tensor, evidence: Tensor | None = None) -> None:
+        """Store layer ``layer_id``'s keep-set ``[Hkv, kept]`` (sorted positions in
+        ``[P, L)``) and, for BACON, its evidence ``[Hkv, T]`` (the newest ``HISTORY`` layers
+        are kept for the persistence term of the next layers)."""
+        if keep.shape != self.keep.shape[1:] or bool((keep < self.prefix_len).any()):
+            raise RuntimeError(
+                f"policy {self.config.policy} returned a keep-set of shape {tuple(keep.shape)} "
+                f"for kept={self.kept}, prefix={self.prefix_len}"
+            )
+        self.keep[layer_id] = keep
+        if evidence is not None:
+            self.state.evidence.append(evidence)
+            del self.state.evidence[: max(0, len(self.state.evidence) - HISTORY)]
+
     def score_layer(
         self, layer_id: int, q_window: Tensor, keys: Tensor, scale: float | None
     ) -> Tensor:
-        """Compute and record layer ``layer_id``'s keep-set.
+        """Compute and record layer ``layer_id``'s keep-set through the policy object, one
+        request at a time: the reference of the batched path the server runs
+        (``bacon_sglang.kernels.keep_sets``, called by ``patches/attention.py``).
 
         Args:
             q_window: ``[w, Hq, d]`` rotated queries of the last ``w`` prompt tokens.
@@ -106,15 +123,10 @@ class RequestCompression:
             self.kept - attn.shape[1],
             layer_id,
             num_layers,
-            self.state,
+            self.state,  # the policy appends its evidence itself
             first_candidate=self.prefix_len,
         )
-        if keep.shape[1] != self.kept or bool((keep < self.prefix_len).any()):
-            raise RuntimeError(
-                f"policy {self.config.policy} returned a keep-set of shape {tuple(keep.shape)} "
-                f"for kept={self.kept}, prefix={self.prefix_len}"
-            )
-        self.keep[layer_id] = keep
+        self.record(layer_id, keep)
         return keep
 
     def stats(self, page_size: int = 1) -> dict:

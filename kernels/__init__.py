@@ -19,6 +19,9 @@ Data path of one layer at the end of prefill::
     calibrate(scores, ...) -> Calibrated    (B, E, S per candidate; .base for SnapKV)
     ... keep-set per head (bacon_sglang.selection) ...
     compact(k_buffers, v_buffers, ...)      (all layers at once, after the last layer)
+
+:func:`keep_sets` chains the first three for one layer of a batch (what the integration
+calls per layer); :func:`compact` runs once after the last layer.
 """
 
 from __future__ import annotations
@@ -31,7 +34,16 @@ from typing import Literal
 from torch import Tensor
 
 from bacon_sglang import paged, scoring
-from bacon_sglang.paged import Calibrated, KVIndex, WindowScores, check_keep, indptr, pack_keep
+from bacon_sglang.paged import (
+    Calibrated,
+    KVIndex,
+    WindowScores,
+    check_keep,
+    indptr,
+    pack_keep,
+    segments,
+)
+from bacon_sglang.selection import select_keep
 
 __all__ = [
     "Backend",
@@ -43,6 +55,7 @@ __all__ = [
     "compact",
     "indptr",
     "interpreted",
+    "keep_sets",
     "pack_keep",
     "pick_backend",
     "window_scores",
@@ -147,6 +160,49 @@ def calibrate(
     if pick_backend(window_scores.mean, backend) == "torch":
         return paged.calibrate(*args, **options)
     return _kernel_module("calibration").calibrate(*args, **options)
+
+
+def keep_sets(
+    q: Tensor,
+    q_indptr: Tensor,
+    k_buffer: Tensor,
+    index: KVIndex,
+    budgets: Sequence[int],
+    prefix_lens: Sequence[int],
+    *,
+    calibrated: bool,
+    prev_evidence: Sequence[Tensor] = (),
+    scale: float | None = None,
+    pool_kernel: int = scoring.POOL_KERNEL,
+    backend: Backend | None = None,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """One layer's keep-sets for a batch of requests: SnapKV (``calibrated=False``, the
+    pooled window score ``B``) or BACON over SnapKV (the calibrated ``S``), uniform budgets.
+
+    Args:
+        q, q_indptr, k_buffer, index, scale: as :func:`window_scores`.
+        budgets: ``K_b`` kept candidates per head of each request (window excluded).
+        prefix_lens: ``P_b``: positions ``[0, P_b)`` (a shared prefix) are never selected.
+        prev_evidence: earlier layers' evidence of this batch (second return value), oldest
+            first.
+
+    Returns:
+        ``keep``: per request ``[Hkv, min(K_b, T_b - P_b) + w_b]`` sorted positions, as
+        :func:`bacon_sglang.selection.select_keep`; ``evidence``: per request ``[T_b, Hkv]``
+        this layer's ``E`` (concatenated, the next layers' ``prev_evidence``).
+    """
+    scores = window_scores(q, q_indptr, k_buffer, index, scale, backend=backend)
+    cal = calibrate(
+        scores, q_indptr, budgets, prev_evidence, prefix_lens,
+        pool_kernel=pool_kernel, backend=backend,
+    )  # fmt: skip
+    ranking = segments(cal.scores if calibrated else cal.base, cal.indptr)
+    windows = q_indptr.diff().tolist()
+    keep = [
+        select_keep(r.T, k, w, f)
+        for r, k, w, f in zip(ranking, budgets, windows, prefix_lens, strict=True)
+    ]
+    return keep, segments(cal.evidence, cal.indptr)
 
 
 def compact(

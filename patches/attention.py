@@ -54,15 +54,47 @@ def after_attention_forward(result, backend, *args, **kwargs):
 
 def score_layer(runtime, layer, q: torch.Tensor) -> None:
     """Steps 1-2 for every planned request at this layer."""
-    keys_buffer = runtime.kv_pool.get_key_buffer(layer.layer_id)
+    finishing: dict[tuple, list] = {}  # (policy, pool kernel) -> [(compression, q_window)]
     for entry in runtime.plan:
         rows = q[entry.q_start : entry.q_start + entry.q_len]
         q_window = entry.window.add(layer.layer_id, rows)
         c = entry.compression
-        if c is None:
-            continue
-        keys = keys_buffer[c.slots.long()]
-        c.score_layer(layer.layer_id, q_window, keys, layer.scaling)
+        if c is not None:
+            key = (c.config.policy, c.config.pool_kernel)
+            finishing.setdefault(key, []).append((c, q_window))
+    keys_buffer = runtime.kv_pool.get_key_buffer(layer.layer_id)
+    for group in finishing.values():
+        score_group(layer, group, keys_buffer)
+
+
+def score_group(layer, group: list, keys_buffer: torch.Tensor) -> None:
+    """One batched :func:`bacon_sglang.kernels.keep_sets` call over the pool's K for the
+    requests of ``group``: ``(RequestCompression, q_window [w_b, Hq, d])`` pairs sharing a
+    policy and pool kernel, each with its own budget, window and shared prefix. Records
+    each request's keep-set and, for the next layers' persistence term, its evidence."""
+    compressions = [c for c, _ in group]
+    windows = [q_window for _, q_window in group]
+    config = compressions[0].config
+    calibrated = config.policy == "bacon"
+    layers_before = len(compressions[0].state.evidence)
+    prev_evidence = [
+        torch.cat([c.state.evidence[j].T for c in compressions]) for j in range(layers_before)
+    ]
+    window_lens = torch.tensor([w.shape[0] for w in windows])
+    keep, evidence = kernels.keep_sets(
+        torch.cat(windows),
+        kernels.indptr(window_lens).to(keys_buffer.device),
+        keys_buffer,
+        KVIndex.from_rows([c.slots for c in compressions]),
+        [c.kept - w for c, w in zip(compressions, window_lens.tolist(), strict=True)],
+        [c.prefix_len for c in compressions],
+        calibrated=calibrated,
+        prev_evidence=prev_evidence,
+        scale=layer.scaling,
+        pool_kernel=config.pool_kernel,
+    )
+    for c, k, e in zip(compressions, keep, evidence, strict=True):
+        c.record(layer.layer_id, k, e.T if calibrated else None)
 
 
 def compact_all(runtime) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import threading
 import time
 
@@ -15,6 +16,7 @@ import requests
 import torch
 
 from bacon_sglang.demo import demo_image
+from bacon_sglang.policies import RequestState, make_policy
 from bacon_sglang.server import running_server
 
 pytestmark = pytest.mark.engine
@@ -43,6 +45,35 @@ def hf_model(tiny_model_path):
         tiny_model_path, dtype=torch.float32, attn_implementation="sdpa"
     )
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_eager(tiny_model_path):
+    """The same model with eager attention, whose attention weights the reference keep-sets
+    are recomputed from."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        tiny_model_path, dtype=torch.float32, attn_implementation="eager"
+    )
+    return model.eval()
+
+
+def reference_keep_sets(hf_eager, processor, text: str, img, policy: str, record: dict):
+    """``[layers, Hkv, kept]`` keep-sets from the policy object (the per-request reference
+    path) applied to transformers' attention weights of the unchunked prompt."""
+    inputs = processor(text=[text], images=[img], return_tensors="pt")
+    with torch.no_grad():
+        hf_eager.model.rope_deltas = None
+        attentions = hf_eager(**inputs, output_attentions=True).attentions
+    layers, heads, kept = record["keep"].shape
+    window = 32
+    rank, state, prefix = make_policy(policy), RequestState(), record["prefix_len"]
+    keep = [
+        rank.keep(attn[0, :, -window:].float(), heads, kept - window, layer, layers, state, prefix)
+        for layer, attn in enumerate(attentions)
+    ]
+    return torch.stack(keep)
 
 
 def chat_prompt(processor, question: str, with_image: bool = True) -> str:
@@ -86,12 +117,15 @@ def assert_integrity(base_url: str) -> dict:
 
 
 def reference_decode(hf_model, processor, text: str, img, record: dict, n: int):
-    """Greedy tokens and their logprobs from transformers with the KV cache reduced to
-    ``record["keep"]`` ([layers, Hkv, kept] positions) and logical positions."""
+    """Greedy tokens and their logprobs from transformers with the KV cache reduced to the
+    shared prefix ``[0, record["prefix_len"])`` and ``record["keep"]`` ([layers, Hkv, kept]
+    private positions) and logical positions."""
     inputs = processor(text=[text], images=[img] if img is not None else None, return_tensors="pt")
     prompt_len = inputs["input_ids"].shape[1]
     assert prompt_len == record["prompt_len"]
-    keep = record["keep"]
+    keep = record["keep"]  # private positions; a shared prefix is kept whole
+    prefix = torch.arange(record.get("prefix_len", 0)).expand(*keep.shape[:2], -1)
+    keep = torch.cat([prefix, keep], dim=-1)
     with torch.no_grad():
         hf_model.model.rope_deltas = None  # cached by the model across calls
         out = hf_model(**inputs, use_cache=True)
@@ -130,12 +164,15 @@ def served_tokens(reply: dict) -> tuple[list[int], list[float]]:
 
 
 SERVER_CONFIGS = {
-    "page1-overlap": ["--kv-policy", "bacon", "--kv-budget", "64", "--enable-metrics"],
+    "page1-overlap": ["--kv-policy", "bacon", "--kv-budget", "64"],
     "page16-chunked-no-overlap": [
         "--kv-policy", "snapkv", "--kv-budget", "96", "--page-size", "16",
         "--chunked-prefill-size", "128", "--disable-overlap-schedule",
     ],
 }  # fmt: skip
+# SGLang's own test switch: every 3rd decode step retracts requests while more than one is
+# running (they are prefilled, and so compressed, again later). Single requests never are.
+RETRACT_ENV = {"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "3"}
 
 
 @pytest.fixture(scope="module", params=sorted(SERVER_CONFIGS))
@@ -143,8 +180,9 @@ def server(request, tiny_model_path, tmp_path_factory):
     debug_dir = tmp_path_factory.mktemp("keep")
     args = SERVER_CONFIGS[request.param] + [
         "--dtype", "float32", "--max-total-tokens", "6144", "--kv-debug-dir", str(debug_dir),
+        "--enable-metrics",
     ]  # fmt: skip
-    with running_server(tiny_model_path, args) as s:
+    with running_server(tiny_model_path, args, env={**os.environ, **RETRACT_ENV}) as s:
         s.debug_dir = debug_dir
         s.config_name = request.param
         yield s
@@ -156,7 +194,7 @@ QUESTIONS = ("Describe the picture in detail, row by row.", "Red?")
 
 
 @pytest.mark.parametrize("question", QUESTIONS)
-def test_compressed_decode_matches_reference(server, processor, hf_model, question):
+def test_compressed_decode_matches_reference(server, processor, hf_model, hf_eager, question):
     img = demo_image()
     text = chat_prompt(processor, question)
     reply = generate(server.base_url, text, img)
@@ -167,6 +205,9 @@ def test_compressed_decode_matches_reference(server, processor, hf_model, questi
     assert report["evicted_tokens"] == report["prompt_tokens"] - report["kept_tokens"]
     record = torch.load(server.debug_dir / f"{reply['meta_info']['id']}.pt")
     assert record["keep"].shape[-1] == budget
+    policy = "bacon" if server.config_name == "page1-overlap" else "snapkv"
+    expected = reference_keep_sets(hf_eager, processor, text, img, policy, record)
+    assert torch.equal(record["keep"], expected)
     tokens, logprobs = served_tokens(reply)
     ref_tokens, ref_logprobs = reference_decode(hf_model, processor, text, img, record, MAX_NEW)
     assert tokens == ref_tokens
@@ -210,16 +251,22 @@ def test_memory_is_freed_while_decoding(server, processor):
     report = result["meta_info"]["kv_compression"]
     after = assert_integrity(server.base_url)
     assert after["freed_slots"] - before["freed_slots"] == report["freed_slots"]
-    assert report["freed_slots"] >= report["evicted_tokens"] - 16 > 0
+    page = 16 if "page16" in server.config_name else 1
+    kept_slots = -(-report["kept_tokens"] // page) * page  # whole pages
+    assert report["freed_slots"] == report["prompt_tokens"] - kept_slots > 0
     in_use = [n for n in samples if n > 0]
     assert in_use, "the request was never observed"
-    bound = report["kept_tokens"] + 120 + 16
+    bound = kept_slots + 120 + page
     assert bound < report["prompt_tokens"]
     # Most samples fall in the decode phase, where the request holds at most `bound` slots.
     assert sorted(in_use)[len(in_use) // 2] <= bound
 
 
-def test_concurrent_mixed_requests_and_abort_leak_nothing(server, processor):
+def test_concurrent_mixed_requests_retraction_and_abort_leak_nothing(server, processor):
+    """Compressed and uncompressed requests decode together, are retracted (and compressed
+    again when prefilled again), one is aborted mid-decode: all answer, nothing leaks."""
+    retracted = "sglang:num_retracted_requests_total"
+    before = prometheus(server.base_url, retracted).get(retracted, 0.0)
     long_text = chat_prompt(processor, "Tell me about the shapes.")
     short_text = chat_prompt(processor, "Hello there.", with_image=False)
     replies = []
@@ -247,14 +294,18 @@ def test_concurrent_mixed_requests_and_abort_leak_nothing(server, processor):
     compressed = [r for r in replies if "kv_compression" in r["meta_info"]]
     assert len(compressed) == 3
     assert all(r["meta_info"]["completion_tokens"] == 12 for r in replies)
+    assert prometheus(server.base_url, retracted)[retracted] > before
     assert_integrity(server.base_url)
 
 
-def test_radix_prefix_is_shared_and_compressed_kv_never_matched(server):
+def test_radix_prefix_is_shared_and_compressed_kv_never_matched(
+    server, processor, hf_model, hf_eager
+):
     """An uncompressed request (per-request override: none) puts its prompt in the radix
     tree; longer compressed requests starting with it reuse it as their shared prefix and
     compress only the rest; compressed KV is never inserted, so identical compressed
-    requests match the same prefix and decode identically."""
+    requests match the same prefix and decode identically, and exactly as a reference
+    without any cache that keeps the same prefix whole and the same keep-sets."""
     img = demo_image()
     head = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Look at the grid."
     tail = " Now describe every row of the grid, one by one, and name each shape." * 6
@@ -269,6 +320,19 @@ def test_radix_prefix_is_shared_and_compressed_kv_never_matched(server):
         assert report["shared_prefix_tokens"] == cached
         assert report["kept_tokens"] == cached + report["budget"]
     assert served_tokens(second) == served_tokens(third)
+    record = torch.load(server.debug_dir / f"{second['meta_info']['id']}.pt")
+    assert record["prefix_len"] == second["meta_info"]["cached_tokens"]
+    policy = "bacon" if server.config_name == "page1-overlap" else "snapkv"
+    expected = reference_keep_sets(hf_eager, processor, head + tail, img, policy, record)
+    assert torch.equal(record["keep"], expected)
+    ref_tokens, ref_logprobs = reference_decode(
+        hf_model, processor, head + tail, img, record, MAX_NEW
+    )
+    tokens, logprobs = served_tokens(second)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(
+        torch.tensor(logprobs), torch.tensor(ref_logprobs), atol=2e-3, rtol=0
+    )
     fourth = generate(server.base_url, head + tail + " More.", img)
     assert fourth["meta_info"]["cached_tokens"] == second["meta_info"]["cached_tokens"]
     assert_integrity(server.base_url)
@@ -303,17 +367,20 @@ def test_override_changes_the_budget(server, processor):
     assert_integrity(server.base_url)
 
 
+def prometheus(base_url: str, prefix: str) -> dict[str, float]:
+    """Counters ``<prefix>*_total`` of ``/metrics``, summed over labels."""
+    values: dict[str, float] = {}
+    for line in requests.get(base_url + "/metrics", timeout=60).text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name.startswith(prefix) and name.endswith("_total"):
+            values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values
+
+
 def test_prometheus_counters_match_the_pool_accounting(server, processor):
-    if server.config_name != "page1-overlap":
-        pytest.skip("metrics are enabled on one server only")
     generate(server.base_url, chat_prompt(processor, "Describe the picture."), demo_image())
     mem = assert_integrity(server.base_url)
-    text = requests.get(server.base_url + "/metrics", timeout=60).text
-    values = {}
-    for line in text.splitlines():
-        name = line.split("{")[0].split(" ")[0]
-        if name.startswith("sglang:bacon_") and name.endswith("_total"):
-            values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    values = prometheus(server.base_url, "sglang:bacon_")
     assert values["sglang:bacon_compressed_requests_total"] == mem["compressed_requests"] > 0
     assert values["sglang:bacon_evicted_tokens_total"] == mem["evicted_tokens"]
     assert values["sglang:bacon_freed_slots_total"] == mem["freed_slots"]

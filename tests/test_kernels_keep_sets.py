@@ -1,0 +1,86 @@
+"""The batched keep-sets the server computes (``kernels.keep_sets``: window scores from K in
+the pool, calibration, selection, over all finishing requests of a forward at once) equal
+those of the per-request policy objects (``RequestCompression.score_layer``), layer after
+layer, with BACON's persistence carried across layers."""
+
+import pytest
+import torch
+
+from bacon_sglang import kernels
+from bacon_sglang.compression import plan_request
+from bacon_sglang.config import CompressionConfig
+from bacon_sglang.policies import make_policy
+
+HQ, HKV, D, LAYERS = 4, 2, 64, 5  # one layer more than BACON's 4-layer history
+
+# (prompt length, shared prefix, budget incl. the window, window): the window 16 request has a
+# prompt just long enough to be compressed; one has a prefix matched in the radix cache.
+REQUESTS = [(300, 0, 64, 32), (181, 48, 96, 32), (120, 0, 40, 16), (90, 20, 37, 32)]
+
+
+def make_pool(gen: torch.Generator, page_size: int):
+    """Shuffled whole pages, as after real allocation; one K buffer per layer."""
+    pages_per_req = [-(-n // page_size) for n, *_ in REQUESTS]
+    order = torch.randperm(sum(pages_per_req) + 4, generator=gen) + 1
+    slots, at = [], 0
+    for (n, *_), k in zip(REQUESTS, pages_per_req, strict=True):
+        pos = torch.arange(n)
+        slots.append(order[at : at + k][pos // page_size] * page_size + pos % page_size)
+        at += k
+    num_slots = (len(order) + 1) * page_size
+    keys = [torch.randn(num_slots, HKV, D, generator=gen) * 2 for _ in range(LAYERS)]
+    return slots, keys
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("policy", ["snapkv", "bacon"])
+def test_batched_keep_sets_equal_the_per_request_policy(
+    policy, backend, page_size, kernel_device, one_thread
+):
+    device = kernel_device if backend == "triton" else "cpu"
+    gen = torch.Generator().manual_seed(7)
+    slots, keys = make_pool(gen, page_size)
+    plans = []
+    for (n, prefix, budget, window), row in zip(REQUESTS, slots, strict=True):
+        config = CompressionConfig(policy=policy, budget=budget, window=window)
+        plans.append(
+            [
+                plan_request(config, make_policy(policy), n, prefix, row, LAYERS, HKV)
+                for _ in ("batched", "reference")
+            ]
+        )
+    assert all(p is not None for pair in plans for p in pair)
+    for layer in range(LAYERS):
+        q = [torch.randn(w, HQ, D, generator=gen) for *_, w in REQUESTS]
+        k_buffer = keys[layer]
+        for (_, reference), q_window in zip(plans, q, strict=True):
+            reference.score_layer(layer, q_window, k_buffer[reference.slots], None)
+        batched = [b for b, _ in plans]
+        prev = [
+            torch.cat([c.state.evidence[j].T for c in batched]).to(device)
+            for j in range(len(batched[0].state.evidence))
+        ]
+        keep, evidence = kernels.keep_sets(
+            torch.cat(q).to(device),
+            kernels.indptr(torch.tensor([w for *_, w in REQUESTS])).to(device),
+            k_buffer.to(device),
+            kernels.KVIndex.from_rows([c.slots.to(device) for c in batched]),
+            [c.kept - w for c, (*_, w) in zip(batched, REQUESTS, strict=True)],
+            [c.prefix_len for c in batched],
+            calibrated=policy == "bacon",
+            prev_evidence=prev,
+            backend=backend,
+        )
+        for c, k, e in zip(batched, keep, evidence, strict=True):
+            c.record(layer, k.cpu(), e.T.cpu() if policy == "bacon" else None)
+    for batched, reference in plans:
+        torch.testing.assert_close(batched.keep, reference.keep, rtol=0, atol=0)
+        assert len(batched.state.evidence) == len(reference.state.evidence)
+        for got, want in zip(batched.state.evidence, reference.state.evidence, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the keep-sets are real selections: each head keeps distinct, in-range positions
+    for batched, _ in plans:
+        keep = batched.keep
+        assert bool((keep.diff(dim=-1) > 0).all())
+        assert int(keep.min()) >= batched.prefix_len and int(keep.max()) < batched.prompt_len
