@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 POLICY_NAMES: tuple[str, ...] = ("none", "snapkv", "bacon")
+TEXT_PREFIX_MODES: tuple[str, ...] = ("compress", "share")
 
 # Flag name -> (config field, help text). The flags, the Engine keyword arguments and the
 # per-request override keys are all derived from this one table.
@@ -35,6 +36,12 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--kv-min-prompt": (
         "min_prompt",
         "Prompts (private part) shorter than this are never compressed (default: budget + window).",
+    ),
+    "--kv-text-prefix": (
+        "text_prefix",
+        "The prompt text before its first image (e.g. a system prompt): compress (default) "
+        "like the rest, or share: keep it whole and insert it into the radix cache, so "
+        "requests that start with the same text reuse its KV.",
     ),
     "--kv-debug-dir": (
         "debug_dir",
@@ -65,6 +72,7 @@ class CompressionConfig:
     window: int = 32
     pool_kernel: int = 5
     min_prompt: int | None = None
+    text_prefix: str = "compress"
     debug_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -72,6 +80,11 @@ class CompressionConfig:
             raise ConfigError(
                 f"--kv-policy: unknown policy {self.policy!r}; choose one of "
                 f"{', '.join(POLICY_NAMES)}"
+            )
+        if self.text_prefix not in TEXT_PREFIX_MODES:
+            raise ConfigError(
+                f"--kv-text-prefix: expected one of {', '.join(TEXT_PREFIX_MODES)}, "
+                f"got {self.text_prefix!r}"
             )
         _require_int("--kv-window", self.window, minimum=1)
         _require_int("--kv-pool-kernel", self.pool_kernel, minimum=1)

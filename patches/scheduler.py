@@ -160,6 +160,8 @@ def build_plan(runtime: Runtime, batch) -> list[PlanEntry]:
         config = request_config(runtime, req)
         full_len = len(req.full_untruncated_fill_ids)
         prefix = req.kv.cache_protected_len
+        if config.text_prefix == "share" and runtime.tree_cache.supports_prefix_sharing():
+            prefix = max(prefix, text_before_first_image(req, runtime.page_size))
         if q_len == 0 or not config.should_compress(full_len - prefix):
             runtime.windows.pop(req.rid, None)
             continue
@@ -181,6 +183,14 @@ def build_plan(runtime: Runtime, batch) -> list[PlanEntry]:
             )
         entries.append(PlanEntry(req, start, q_len, window, compression))
     return entries
+
+
+def text_before_first_image(req, page_size: int) -> int:
+    """Tokens before the request's first image, rounded down to whole pages (0 without an
+    image): with ``--kv-text-prefix share`` they are kept whole and go into the radix tree."""
+    mm = getattr(req, "multimodal_inputs", None)
+    starts = [start for item in (mm.mm_items if mm else []) for start, _ in item.offsets or []]
+    return min(starts) // page_size * page_size if starts else 0
 
 
 def dump_keep_sets(c: RequestCompression, rid: str) -> None:
@@ -210,6 +220,8 @@ def apply_plan(runtime: Runtime, batch, entries: list[PlanEntry]) -> None:
         free_from = -(-c.new_len // ps) * ps
         if free_from < c.prompt_len:
             runtime.tree_cache.free_kv_row(req.kv, [(free_from, c.prompt_len)])
+        if c.prefix_len > req.kv.cache_protected_len:  # --kv-text-prefix share
+            runtime.tree_cache.checkpoint(req, up_to=c.prefix_len)
         req.kv.kv_allocated_len = c.new_len
         req.kv.kv_committed_len = c.new_len
         req.bacon_position_offset = c.evicted

@@ -21,7 +21,13 @@ import sys
 
 import msgspec
 
-from bacon_sglang.config import FLAGS, POLICY_NAMES, CompressionConfig, ConfigError
+from bacon_sglang.config import (
+    FLAGS,
+    POLICY_NAMES,
+    TEXT_PREFIX_MODES,
+    CompressionConfig,
+    ConfigError,
+)
 
 ATTR = "_bacon_kv_config"
 
@@ -47,12 +53,17 @@ def add_kv_flags(result, parser: argparse.ArgumentParser):
         kwargs = {"dest": f"kv_{field}", "default": None, "help": help_text}
         if field == "policy":
             kwargs["metavar"] = "{" + ",".join(POLICY_NAMES) + "}"
+        elif field == "text_prefix":
+            kwargs["metavar"] = "{" + ",".join(TEXT_PREFIX_MODES) + "}"
         elif field == "debug_dir":
             kwargs["metavar"] = "DIR"
         else:
             kwargs["metavar"] = "N"
         group.add_argument(flag, type=str, **kwargs)
     return result
+
+
+STRING_FIELDS = ("policy", "budget", "text_prefix", "debug_dir")  # parsed by the config
 
 
 def config_from_namespace(args: argparse.Namespace) -> CompressionConfig:
@@ -62,7 +73,7 @@ def config_from_namespace(args: argparse.Namespace) -> CompressionConfig:
         raw = getattr(args, f"kv_{field}", None)
         if raw is None:
             continue
-        values[field] = raw if field in ("policy", "budget", "debug_dir") else _parse_int(flag, raw)
+        values[field] = raw if field in STRING_FIELDS else _parse_int(flag, raw)
     return CompressionConfig(**values)
 
 

@@ -167,7 +167,7 @@ SERVER_CONFIGS = {
     "page1-overlap": ["--kv-policy", "bacon", "--kv-budget", "64"],
     "page16-chunked-no-overlap": [
         "--kv-policy", "snapkv", "--kv-budget", "96", "--page-size", "16",
-        "--chunked-prefill-size", "128", "--disable-overlap-schedule",
+        "--chunked-prefill-size", "128", "--disable-overlap-schedule", "--kv-text-prefix", "share",
     ],
 }  # fmt: skip
 # SGLang's own test switch: every 3rd decode step retracts requests while more than one is
@@ -335,6 +335,48 @@ def test_radix_prefix_is_shared_and_compressed_kv_never_matched(
     )
     fourth = generate(server.base_url, head + tail + " More.", img)
     assert fourth["meta_info"]["cached_tokens"] == second["meta_info"]["cached_tokens"]
+    assert_integrity(server.base_url)
+
+
+def test_text_before_the_first_image_is_shared_or_compressed(server, processor, hf_model, hf_eager):
+    """With ``--kv-text-prefix share`` (the page-16 server) a long system text before the
+    image is kept whole and enters the radix tree, so a later request with the same text and
+    another image reuses its KV; by default (the page-1 server) it is compressed like the
+    rest and nothing of a compressed request is ever matched."""
+    from PIL import Image
+
+    system = "You are a careful assistant who reads grids of coloured shapes. " * 8
+    share = "share" in SERVER_CONFIGS[server.config_name]
+    replies = []
+    for question, img in (
+        ("Describe the picture.", demo_image()),
+        ("Which shapes are red?", demo_image().transpose(Image.FLIP_LEFT_RIGHT)),
+    ):
+        text = (
+            f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+            f"<|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
+        )
+        reply = generate(server.base_url, text, img)
+        replies.append(reply)
+        ids = processor(text=[text], images=[img], return_tensors="pt")["input_ids"][0].tolist()
+        text_len = ids.index(processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+        shared = text_len // 16 * 16 if share else 0
+        report = reply["meta_info"]["kv_compression"]
+        # earlier tests' uncompressed prompts in the tree may match a few first tokens
+        shared = max(shared, reply["meta_info"]["cached_tokens"])
+        assert report["shared_prefix_tokens"] == shared
+        assert report["kept_tokens"] == shared + report["budget"]
+        record = torch.load(server.debug_dir / f"{reply['meta_info']['id']}.pt")
+        policy = "bacon" if server.config_name == "page1-overlap" else "snapkv"
+        expected = reference_keep_sets(hf_eager, processor, text, img, policy, record)
+        assert torch.equal(record["keep"], expected)
+        ref_tokens, _ = reference_decode(hf_model, processor, text, img, record, MAX_NEW)
+        assert served_tokens(reply)[0] == ref_tokens
+    first, second = (r["meta_info"]["cached_tokens"] for r in replies)
+    if share:
+        assert second == shared > 100 > first
+    else:
+        assert second == first < 16  # the first request's KV never entered the tree
     assert_integrity(server.base_url)
 
 

@@ -12,7 +12,10 @@ import pytest
 from bacon_sglang.config import CompressionConfig, ConfigError
 from bacon_sglang.cpu_shim import cpu_engine_env
 
-FLAGS = ("--kv-policy", "--kv-budget", "--kv-window", "--kv-pool-kernel", "--kv-min-prompt")
+FLAGS = (
+    "--kv-policy", "--kv-budget", "--kv-window", "--kv-pool-kernel", "--kv-min-prompt",
+    "--kv-text-prefix",
+)  # fmt: skip
 
 
 def parse(*flags):
@@ -30,6 +33,7 @@ def test_help_lists_the_flags(sglang_hooks):
     for flag in FLAGS:
         assert flag in text
     assert "{none,snapkv,bacon}" in text
+    assert "{compress,share}" in text
 
 
 def test_defaults_mean_no_compression(sglang_hooks):
@@ -61,6 +65,7 @@ def test_values_parse_and_survive_pickling(sglang_hooks):
         (("--kv-window", "-2"), "error: --kv-window: must be >= 1"),
         (("--kv-pool-kernel", "4"), "error: --kv-pool-kernel: must be odd"),
         (("--kv-min-prompt", "x"), "error: --kv-min-prompt: expected an integer"),
+        (("--kv-text-prefix", "keep"), "error: --kv-text-prefix: expected one of compress, share"),
     ],
 )
 def test_bad_values_stop_parsing_with_one_line(sglang_hooks, capsys, flags, message):
