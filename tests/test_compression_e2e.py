@@ -16,7 +16,7 @@ import requests
 import torch
 
 from bacon_sglang.demo import demo_image
-from bacon_sglang.policies import RequestState, make_policy
+from bacon_sglang.reference import decode_with_keep_sets, keep_sets_from_attention, kept_positions
 from bacon_sglang.server import running_server
 
 pytestmark = pytest.mark.engine
@@ -60,20 +60,11 @@ def hf_eager(tiny_model_path):
 
 
 def reference_keep_sets(hf_eager, processor, text: str, img, policy: str, record: dict):
-    """``[layers, Hkv, kept]`` keep-sets from the policy object (the per-request reference
-    path) applied to transformers' attention weights of the unchunked prompt."""
+    """The keep-sets the policy objects compute from transformers' attention weights."""
     inputs = processor(text=[text], images=[img], return_tensors="pt")
-    with torch.no_grad():
-        hf_eager.model.rope_deltas = None
-        attentions = hf_eager(**inputs, output_attentions=True).attentions
-    layers, heads, kept = record["keep"].shape
-    window = 32
-    rank, state, prefix = make_policy(policy), RequestState(), record["prefix_len"]
-    keep = [
-        rank.keep(attn[0, :, -window:].float(), heads, kept - window, layer, layers, state, prefix)
-        for layer, attn in enumerate(attentions)
-    ]
-    return torch.stack(keep)
+    return keep_sets_from_attention(
+        hf_eager, inputs, policy, record["keep"].shape[-1], record["prefix_len"]
+    )
 
 
 def chat_prompt(processor, question: str, with_image: bool = True) -> str:
@@ -118,44 +109,11 @@ def assert_integrity(base_url: str) -> dict:
 
 def reference_decode(hf_model, processor, text: str, img, record: dict, n: int):
     """Greedy tokens and their logprobs from transformers with the KV cache reduced to the
-    shared prefix ``[0, record["prefix_len"])`` and ``record["keep"]`` ([layers, Hkv, kept]
-    private positions) and logical positions."""
+    request's shared prefix and keep-sets, at logical positions."""
     inputs = processor(text=[text], images=[img] if img is not None else None, return_tensors="pt")
-    prompt_len = inputs["input_ids"].shape[1]
-    assert prompt_len == record["prompt_len"]
-    keep = record["keep"]  # private positions; a shared prefix is kept whole
-    prefix = torch.arange(record.get("prefix_len", 0)).expand(*keep.shape[:2], -1)
-    keep = torch.cat([prefix, keep], dim=-1)
-    with torch.no_grad():
-        hf_model.model.rope_deltas = None  # cached by the model across calls
-        out = hf_model(**inputs, use_cache=True)
-        cache = out.past_key_values
-        for layer_id, layer in enumerate(cache.layers):
-            idx = keep[layer_id][None, :, :, None]  # [1, Hkv, kept, 1]
-            layer.keys = layer.keys.gather(2, idx.expand(-1, -1, -1, layer.keys.shape[-1]))
-            layer.values = layer.values.gather(2, idx.expand(-1, -1, -1, layer.values.shape[-1]))
-        delta = hf_model.model.rope_deltas
-        delta = int(delta.flatten()[0]) if delta is not None else 0
-        logits = out.logits[0, -1].float()
-        tokens, logprobs = [], []
-        kv_len = keep.shape[-1]
-        for t in range(n):
-            token = int(logits.argmax())
-            tokens.append(token)
-            logprobs.append(float(torch.log_softmax(logits, -1)[token]))
-            if t == n - 1:
-                break
-            position = torch.full((3, 1, 1), prompt_len + t + delta, dtype=torch.long)
-            step = hf_model(
-                input_ids=torch.tensor([[token]]),
-                past_key_values=cache,
-                position_ids=position,
-                cache_position=torch.tensor([kv_len + t]),
-                use_cache=True,
-            )
-            cache = step.past_key_values
-            logits = step.logits[0, -1].float()
-    return tokens, logprobs
+    assert inputs["input_ids"].shape[1] == record["prompt_len"]
+    keep = kept_positions(record["keep"], record.get("prefix_len", 0))
+    return decode_with_keep_sets(hf_model, inputs, keep, n)
 
 
 def served_tokens(reply: dict) -> tuple[list[int], list[float]]:
