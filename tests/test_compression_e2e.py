@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -409,3 +412,28 @@ def test_frontend_program_multi_turn(server, tmp_path):
         report = meta["kv_compression"]
         assert report["kept_tokens"] == report["shared_prefix_tokens"] + report["budget"]
     assert_integrity(server.base_url)
+
+
+def test_sglang_bench_serving_runs_unchanged(server, tiny_model_path, tmp_path):
+    """SGLang's own throughput benchmark (``sglang.bench_serving``, its offline ``image``
+    dataset of random images) against the compressing server: every request completes, every
+    one (and the warm-up) is compressed, and the pool is whole afterwards."""
+    before = assert_integrity(server.base_url)["compressed_requests"]
+    port = server.base_url.rsplit(":", 1)[1]
+    out = tmp_path / "bench.jsonl"
+    run = subprocess.run(
+        [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--port", port,
+         "--model", str(tiny_model_path), "--dataset-name", "image", "--num-prompts", "4",
+         "--image-count", "1", "--image-resolution", "448x448", "--random-input-len", "16",
+         "--random-output-len", "4", "--max-concurrency", "2", "--seed", "1",
+         "--disable-tqdm", "--output-file", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text().splitlines()[-1])
+    assert result["completed"] == 4 and result["total_output_tokens"] > 0, result
+    assert result["total_input_vision_tokens"] >= 4 * 256
+    after = assert_integrity(server.base_url)["compressed_requests"]
+    # 4 requests + bench_serving's warm-up; a request the test servers' forced retraction
+    # (SGLANG_TEST_RETRACT) sends back is compressed again when it is prefilled again.
+    assert after - before >= 5
