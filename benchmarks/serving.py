@@ -10,6 +10,8 @@ and a question, ``N`` output tokens with ``ignore_eos``. Per policy:
    slots in use (peak, mean; sampled from ``/v1/loads`` every 50 ms, cross-checked against
    ``/server_info``'s ``bacon_kv``), the most requests decoding at once and queued, retractions
    (``meta_info["num_retractions"]``) and queue time;
+   and open-loop runs at each ``--rates`` (Poisson arrivals, ``--rate-requests`` requests):
+   the same columns at a given offered load;
 2. capacity: a burst of requests sent at once into the fixed pool; the most requests decoding
    at once vs the pool bound (``serving_report.pool_bound``) and the gain over ``none``;
 3. prefill overhead: single-request TTFT by prompt length (``--prefill-sizes`` image sizes),
@@ -43,7 +45,15 @@ from pathlib import Path
 
 import requests
 import serving_report as report
-from serving_client import Sampler, Workload, chat_prompt, kv_memory, loads, run_closed_loop
+from serving_client import (
+    Sampler,
+    Workload,
+    chat_prompt,
+    kv_memory,
+    loads,
+    run_closed_loop,
+    run_open_loop,
+)
 
 from bacon_sglang.server import cpu_engine, running_server
 
@@ -54,6 +64,8 @@ DEFAULTS = {
     "image_size": (448, 896),
     "output_tokens": (32, 128),
     "levels": ([1, 8, 32, 64], [1, 8, 32, 64, 128]),
+    "rates": ([1.0, 2.0, 4.0], [2.0, 8.0, 32.0]),
+    "rate_requests": (24, 256),
     # The built-in model's processor caps images at 896 x 896 px (1024 tokens).
     "prefill_sizes": ([448, 672, 896], [448, 896, 1344, 1792]),
     "capacity_output_tokens": (128, 256),
@@ -65,6 +77,8 @@ DEFAULTS = {
 }
 SMOKE = {
     "levels": [1, 4],
+    "rates": [4.0],
+    "rate_requests": 4,
     "rounds": 1,
     "output_tokens": 16,
     "capacity_output_tokens": 16,
@@ -133,6 +147,21 @@ def sweep(base_url: str, policy: str, workload: Workload, args) -> list[dict]:
     return rows
 
 
+def open_loop(base_url: str, policy: str, workload: Workload, args) -> list[dict]:
+    """Poisson arrivals at every ``--rates`` rate (the ``open_loop`` table); the arrival
+    times are seeded, the same for every policy."""
+    rows = []
+    for i, rate in enumerate(args.rates):
+        bodies = workload.bodies(args.rate_requests)
+        flush_cache(base_url)
+        before = loads(base_url)
+        with Sampler(base_url) as sampler:
+            results = run_open_loop(base_url, bodies, rate, seed=i)
+        moments = (before, loads(base_url))
+        rows.append(report.sweep_row(policy, None, results, sampler, moments, rate=rate))
+    return rows
+
+
 def burst_size(pool: int, prompt: int, budget: str, output_tokens: int) -> int:
     """Requests sent at once in the capacity run: 1.25 x the compressed policies' pool bound
     (so they too run out of slots), the same number for every policy, at most ``MAX_BURST``
@@ -196,6 +225,7 @@ def run_policy(policy: str, args, model_path: str, prompt: str, state: dict) -> 
             )
         print(f"== {policy}: server up in {started:.0f} s, pool {pool} slots", flush=True)
         rows = sweep(url, policy, workload, args)
+        rate_rows = open_loop(url, policy, workload, args)
         cap, timeline = capacity(url, policy, workload, args, pool, state["burst"])
         print(f"   capacity: {cap['max_running']} decoding at once (bound {cap['pool_bound']})")
         prefill = prefill_overhead(url, policy, workload, args)
@@ -211,6 +241,7 @@ def run_policy(policy: str, args, model_path: str, prompt: str, state: dict) -> 
         "pool_tokens": pool,
         "idle_kv": idle,
         "sweep": rows,
+        "open_loop": rate_rows,
         "capacity": cap,
         "burst_timeline": timeline,
         "prefill": prefill,
@@ -239,9 +270,10 @@ def results_dir(info: dict) -> Path:
 
 
 def tables(result: dict) -> str:
-    """The four markdown tables of a run."""
+    """The five markdown tables of a run."""
     sections = [
         ("Serving (closed loop)", "sweep", report.SWEEP_COLUMNS),
+        ("Serving (open loop, Poisson arrivals)", "open_loop", report.OPEN_LOOP_COLUMNS),
         ("Capacity (burst into the fixed pool)", "capacity", report.CAPACITY_COLUMNS),
         ("Prefill overhead (single request)", "prefill", report.PREFILL_COLUMNS),
         ("Decode step time (server side)", "decode", report.DECODE_COLUMNS),
@@ -272,6 +304,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-tokens", type=int, help="tokens per request (CPU 32, GPU 128)")
     parser.add_argument("--levels", type=int, nargs="+", help="concurrency levels")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client per level")
+    parser.add_argument("--rates", type=float, nargs="+", help="open-loop arrival rates, req/s")
+    parser.add_argument("--rate-requests", type=int, help="requests per open-loop rate")
     parser.add_argument("--burst", type=int, help="capacity run size (default: 1.25 x bound)")
     parser.add_argument(
         "--capacity-output-tokens", type=int, help="tokens per burst request (CPU 128, GPU 256)"
@@ -322,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": None,
         "policies": policies,
         "sweep": sweep_rows,
+        "open_loop": [row for p in policies for row in p["open_loop"]],
         "capacity": capacity_rows,
         "prefill": prefill_rows,
         "decode": sorted(report.decode_rows(sweep_rows), key=lambda r: r["batch"]),

@@ -174,6 +174,33 @@ def run_closed_loop(base_url: str, bodies: list[dict], concurrency: int) -> list
     return results
 
 
+def run_open_loop(
+    base_url: str, bodies: list[dict], rate: float, seed: int = 0
+) -> list[RequestResult]:
+    """Send ``bodies`` at Poisson arrivals of ``rate`` requests/s, each on its own thread
+    whatever the number in flight (SGLang queues what it cannot admit); returns the results
+    in completion order."""
+    rng = random.Random(seed)
+    results: list[RequestResult] = []
+    lock = threading.Lock()
+
+    def one(body: dict) -> None:
+        with requests.Session() as session:
+            result = send(session, base_url, body)
+        with lock:
+            results.append(result)
+
+    threads, start, due = [], time.perf_counter(), 0.0
+    for body in bodies:
+        due += rng.expovariate(rate)
+        time.sleep(max(0.0, start + due - time.perf_counter()))
+        threads.append(threading.Thread(target=one, args=(body,), daemon=True))
+        threads[-1].start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def loads(base_url: str) -> dict:
     """The scheduler's published load snapshot (``GET /v1/loads``, dp rank 0)."""
     reply = requests.get(base_url + "/v1/loads?include=core,queues", timeout=30)

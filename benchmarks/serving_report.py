@@ -36,8 +36,10 @@ def sweep_row(
     results: list[RequestResult],
     sampler: Sampler,
     moments: tuple[dict, dict],
+    rate: float | None = None,
 ) -> dict:
-    """One policy at one concurrency level: throughput, latency, KV slots, load."""
+    """One policy at one concurrency level (closed loop), or at one Poisson arrival ``rate``
+    (open loop; ``concurrency`` None): throughput, latency, KV slots, load."""
     ok = [r for r in results if r.error is None]
     wall = max(r.end for r in results) - min(r.start for r in results)
     used = [s[1] for s in sampler.samples] or [0]
@@ -46,6 +48,7 @@ def sweep_row(
     return {
         "policy": policy,
         "concurrency": concurrency,
+        "rate": rate,
         "requests": len(results),
         "errors": len(results) - len(ok),
         "duration_s": wall,
@@ -211,6 +214,7 @@ SWEEP_COLUMNS = [
     ("retractions", "retracted", "{}"),
     ("queue_p50_ms", "queue p50 ms", "{:.0f}"),
 ]
+OPEN_LOOP_COLUMNS = [("policy", "policy", "{}"), ("rate", "rate req/s", "{:g}")] + SWEEP_COLUMNS[2:]
 CAPACITY_COLUMNS = [
     ("policy", "policy", "{}"),
     ("pool_tokens", "pool", "{}"),
