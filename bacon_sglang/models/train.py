@@ -1,0 +1,397 @@
+"""Train the tiny Qwen2-VL model on the synthetic sparse-evidence VQA task, on CPU.
+
+    python -m bacon_sglang.models.train OUT_DIR [--steps N] [--batch B] [--lr LR] [--seed S]
+
+The model directory is first written by :func:`bacon_sglang.models.tiny.write_tiny_model`
+(same config keys, tokenizer, processor and chat template as the random tiny model, so SGLang
+and transformers load it through the same code paths); training then replaces
+``model.safetensors`` with the trained weights, cast to bf16, under the hub's names.
+
+The model is built from the config with transformers' own initialisation (seeded) and trained
+with AdamW (linear warm-up, cosine decay), cross-entropy on the answer tokens only (the
+answer and its ``<|im_end|>``). Batches are rebuilt from ``(split, index)`` on the fly
+(:mod:`bacon_sglang.models.vqa`); pixels are patchified here exactly as
+``Qwen2VLImageProcessor`` does for a 448 x 448 image (no resize), which is several times
+faster than the processor (``check_patchify`` compares them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from bacon_sglang.models import tiny, vqa
+
+logger = logging.getLogger(__name__)
+
+# The tiny model's settings with a one-block vision tower (the shapes are told apart within
+# one 28 x 28 token; a second block doubled the step time without helping).
+SPEC = dataclasses.replace(tiny.DEFAULT_SPEC, vision_depth=1)
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+IMAGE_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def prompt(sample: vqa.VQASample) -> str:
+    """The chat-template text of ``sample``'s question (Qwen2-VL's template, one user turn,
+    generation prompt added); the image slot holds one ``<|image_pad|>`` placeholder."""
+    image = IMAGE_SLOT if sample.image is not None else ""
+    return (
+        f"{SYSTEM}<|im_start|>user\n{image}{sample.prompt_text}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def patchify(img, spec: tiny.TinyQwen2VLSpec = SPEC) -> torch.Tensor:
+    """``Qwen2VLImageProcessor``'s ``pixel_values`` for an image whose sides are multiples of
+    28 px (no resize): ``[grid_h * grid_w, 3 * temporal_patch * patch * patch]`` float32,
+    rows in the processor's 2 x 2-merge order."""
+    x = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0  # [H, W, 3]
+    x = (x - np.array(tiny.IMAGE_MEAN, np.float32)) / np.array(tiny.IMAGE_STD, np.float32)
+    x = x.transpose(2, 0, 1)[None].repeat(spec.temporal_patch_size, 0)  # [T, 3, H, W]
+    ps, ms, tps = spec.patch_size, spec.spatial_merge_size, spec.temporal_patch_size
+    gh, gw = x.shape[2] // ps, x.shape[3] // ps
+    x = x.reshape(1, tps, 3, gh // ms, ms, ps, gw // ms, ms, ps)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return torch.from_numpy(np.ascontiguousarray(x.reshape(gh * gw, 3 * tps * ps * ps)))
+
+
+@dataclass
+class Batch:
+    """Model inputs of B samples, right-padded to the longest (L tokens)."""
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    mm_token_type_ids: torch.Tensor  # [B, L], 1 on image tokens
+    labels: torch.Tensor  # [B, L], -100 except the answer tokens
+    pixel_values: torch.Tensor | None  # [images * 1024, 1176]
+    image_grid_thw: torch.Tensor | None  # [images, 3]
+
+    def inputs(self) -> dict:
+        out = {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "mm_token_type_ids": self.mm_token_type_ids,
+        }
+        if self.pixel_values is not None:
+            out |= {"pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw}
+        return out
+
+
+def follow_ups(s: vqa.VQASample, n: int, seed: int) -> list[tuple[str, str]]:
+    """Up to ``n`` more ``(question, answer)`` turns about ``s``'s image (training only: one
+    image's vision cost buys several supervised answers)."""
+    if n <= 0 or s.image is None:
+        return []
+    others = [qa for qa in vqa.all_questions(s.objects) if qa[0] != s.question]
+    order = np.random.default_rng(seed).permutation(len(others))
+    return [others[int(i)] for i in order[:n]]
+
+
+def make_batch(
+    tokenizer,
+    samples: list[vqa.VQASample],
+    with_answers: bool = True,
+    turns: list[list[tuple[str, str]]] | None = None,
+) -> Batch:
+    """Tokenise prompts (+ answers and ``<|im_end|>`` when ``with_answers``, + the extra
+    ``turns[i]`` of sample ``i``, each answer supervised); image slots are expanded to
+    ``(H / 28) * (W / 28)`` ``<|image_pad|>`` tokens, as the processor does."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|endoftext|>")}
+    rows, label_rows, pixels, grids = [], [], [], []
+    for i, s in enumerate(samples):
+        text = prompt(s)
+        if s.image is not None:
+            w, h = s.image.size
+            merge = SPEC.patch_size * SPEC.spatial_merge_size
+            text = text.replace("<|image_pad|>", "<|image_pad|>" * ((h // merge) * (w // merge)))
+            pixels.append(patchify(s.image))
+            grids.append([1, h // SPEC.patch_size, w // SPEC.patch_size])
+        p = tokenizer(text, add_special_tokens=False)["input_ids"]
+        a = tokenizer(s.answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        a = a if with_answers else []
+        row, label = p + a, [-100] * len(p) + a
+        for question, answer in turns[i] if turns else []:
+            q = f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+            q = tokenizer(q, add_special_tokens=False)["input_ids"]
+            a = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+            row, label = row + q + a, label + [-100] * len(q) + a
+        rows.append(row)
+        label_rows.append(label)
+    length = max(len(r) for r in rows)
+    pad = ids["<|endoftext|>"]
+    input_ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
+    labels = torch.tensor([r + [-100] * (length - len(r)) for r in label_rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=mask,
+        mm_token_type_ids=(input_ids == ids["<|image_pad|>"]).int(),
+        labels=labels,
+        pixel_values=torch.cat(pixels) if pixels else None,
+        image_grid_thw=torch.tensor(grids) if grids else None,
+    )
+
+
+def check_patchify(model_dir: Path) -> None:
+    """Raise if :func:`patchify` differs from the processor's ``pixel_values``."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    img = vqa.sample("val", 0).image
+    ref = processor.image_processor(images=[img], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(patchify(img), ref.float(), atol=1e-4, rtol=0)
+
+
+def hub_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's weights under the hub names of :func:`tiny.weight_shapes`, bf16."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        hub = name.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+        out[hub] = tensor.detach().to(torch.bfloat16).contiguous()
+    expected = tiny.weight_shapes(SPEC, model.config.text_config.vocab_size)
+    if set(out) != set(expected) or any(tuple(out[k].shape) != v for k, v in expected.items()):
+        raise RuntimeError("trained weights do not match the checkpoint layout")
+    return out
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, samples: list[vqa.VQASample], max_new: int = 12) -> list:
+    """Greedy answers of ``model`` (full KV cache) for ``samples``, as text."""
+    out = []
+    for s in samples:
+        b = make_batch(tokenizer, [s], with_answers=False)
+        gen = model.generate(**b.inputs(), max_new_tokens=max_new, do_sample=False)
+        out.append(tokenizer.decode(gen[0, b.input_ids.shape[1] :], skip_special_tokens=True))
+    return out
+
+
+def evaluate(model, tokenizer, split: str, n: int, text_fraction: float) -> dict[str, float]:
+    """Exact-match accuracy on the first ``n`` samples of ``split``, per task kind."""
+    samples = vqa.dataset(split, n, text_fraction=text_fraction)
+    model.eval()
+    answers = greedy_answers(model, tokenizer, samples)
+    model.train()
+    acc: dict[str, list[bool]] = {}
+    for s, a in zip(samples, answers, strict=True):
+        acc.setdefault(s.kind, []).append(vqa.exact_match(a, s))
+        acc.setdefault("all", []).append(vqa.exact_match(a, s))
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def evidence_match(logits: torch.Tensor, labels: torch.Tensor, is_id: int, a_id: int) -> float:
+    """Share of evidence words predicted right under teacher forcing: the colour after
+    "... is" or the shape after "... is a" (the one answer token read from the image).
+
+    ``logits``: ``[B, L, vocab]``; ``labels``: ``[B, L]`` (-100 outside the answers)."""
+    target, before = labels[:, 1:], labels[:, :-1]
+    evidence = ((before == is_id) & (target != a_id)) | (before == a_id)
+    right = logits[:, :-1].argmax(-1) == target
+    return right[evidence].float().mean().item() if evidence.any() else 0.0
+
+
+def progress(step: int, elapsed: float, args: argparse.Namespace) -> float:
+    """Share of training done: by steps (``--steps``) or by wall time (``--minutes``), so
+    that a run on a busy shared CPU still finishes on time with its whole schedule."""
+    if args.minutes:
+        return elapsed / (args.minutes * 60)
+    return step / args.steps
+
+
+def lr_at(step: int, done: float, lr: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 5% of ``lr`` at the end
+    (``done`` = share of training done)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, done))))
+
+
+def small_grid(grids: tuple[int, ...], step: int, done: float) -> int:
+    """The grid of a small-grid step: one grid per step (no padding to the largest), cycling
+    through the first ``k`` of ``grids``, ``k`` growing from 1 to all of them as the share
+    ``done`` of the small-grid phase grows (the easiest images first)."""
+    k = min(len(grids), 1 + int(done * len(grids)))
+    return grids[step % k]
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Build, train and save the model into ``args.out_dir``; returns the training record."""
+    from transformers import AutoConfig, AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out_dir)
+    work = Path(tempfile.mkdtemp(prefix="tiny-vqa-"))
+    tiny.write_tiny_model(work / "model", seed=args.seed, spec=SPEC)
+    check_patchify(work / "model")
+    tokenizer = AutoTokenizer.from_pretrained(work / "model")
+    config = AutoConfig.from_pretrained(work / "model")
+    model = Qwen2VLForConditionalGeneration._from_config(
+        config, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    if args.init:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(_from_hub(load_file(Path(args.init) / "model.safetensors")))
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
+    is_id, a_id = (tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (" is", " a"))
+    start = time.perf_counter()
+    history = []
+    smooth = match = None
+    seen = args.offset  # next train-split index
+    small_steps = None  # the step at which the full-grid phase began
+    step = 0
+    while True:
+        elapsed = time.perf_counter() - start
+        done = progress(step, elapsed, args)
+        if done >= 1.0:
+            break
+        small = done < args.small_fraction
+        if not small and small_steps is None:
+            small_steps = step
+            logger.info("step %d: %d x %d grids from now on", step, vqa.GRID, vqa.GRID)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, done, args.lr, args.warmup)
+        grid = small_grid(args.small_grids, step, done / args.small_fraction) if small else vqa.GRID
+        batch = args.small_batch if small else args.batch
+        samples = vqa.dataset(
+            "train", batch, start=seen, text_fraction=args.text_fraction, grids=(grid,)
+        )
+        turns = [follow_ups(s, args.follow_ups, seen + j) for j, s in enumerate(samples)]
+        seen += batch
+        b = make_batch(tokenizer, samples, turns=turns)
+        result = model(**b.inputs(), labels=b.labels)
+        loss = result.loss
+        hit = evidence_match(result.logits.detach(), b.labels, is_id, a_id)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
+        match = hit if match is None else 0.95 * match + 0.05 * hit
+        elapsed = time.perf_counter() - start
+        if step % args.log_every == 0:
+            logger.info(
+                "step %d grid %d loss %.4f (smoothed %.4f) evidence right %.2f %.0f s",
+                step, grid, loss.item(), smooth, match, elapsed,
+            )  # fmt: skip
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            acc = evaluate(model, tokenizer, "val", args.eval_n, args.text_fraction)
+            history.append({"step": step + 1, "seconds": round(elapsed), "val": acc})
+            logger.info("step %d val %s", step + 1, json.dumps(acc))
+            args.small_steps, args.samples = small_steps, seen - args.offset
+            _save(model, work, out, args, step + 1, elapsed, history)
+        step += 1
+    elapsed = time.perf_counter() - start
+    args.small_steps, args.samples = small_steps, seen - args.offset
+    record = _save(model, work, out, args, step, elapsed, history)
+    shutil.rmtree(work, ignore_errors=True)
+    return record
+
+
+def _from_hub(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hub names back to transformers v5 names (``--init`` from a saved checkpoint)."""
+    out = {}
+    for name, tensor in state.items():
+        if name.startswith("visual."):
+            name = "model." + name
+        elif name.startswith("model."):
+            name = name.replace("model.", "model.language_model.", 1)
+        out[name] = tensor.float()
+    return out
+
+
+def _save(model, work: Path, out: Path, args, steps: int, seconds: float, history) -> dict:
+    """Write the model directory (config, tokenizer, processor, bf16 weights, record)."""
+    tmp = work / "save"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(work / "model", tmp)
+    save_file(hub_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    record = {
+        "task": "bacon_sglang.models.vqa (train split)",
+        "command": "python -m bacon_sglang.models.train " + " ".join(args.argv),
+        "seed": args.seed,
+        "steps": steps,
+        "batch": args.batch,
+        "small_batch": args.small_batch,
+        "samples": args.samples,
+        "text_fraction": args.text_fraction,
+        "follow_ups": args.follow_ups,
+        "init": str(args.init) if args.init else None,
+        "small_grids": list(args.small_grids),
+        "small_fraction": args.small_fraction,
+        "small_steps": getattr(args, "small_steps", None),
+        "seconds": round(seconds),
+        "threads": args.threads,
+        "history": history,
+    }
+    (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    for f in tmp.iterdir():
+        f.chmod(0o644)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(tmp, out)
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bacon_sglang.models.train", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--steps", type=int, default=0, help="training steps (or --minutes)")
+    parser.add_argument("--minutes", type=float, default=0, help="wall-time budget (or --steps)")
+    parser.add_argument("--batch", type=int, default=8, help="batch of the full-grid steps")
+    parser.add_argument("--small-batch", type=int, default=16, help="batch of small-grid steps")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--small-grids",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        default=(2, 3, 4, 6, 8),
+        help="grid sizes of the cheap early steps, easiest first (comma-separated)",
+    )
+    parser.add_argument(
+        "--small-fraction", type=float, default=0.7, help="share of training on small grids"
+    )
+    parser.add_argument(
+        "--follow-ups", type=int, default=0, help="extra questions per training image"
+    )
+    parser.add_argument("--text-fraction", type=float, default=0.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--offset", type=int, default=0, help="first train-split index")
+    parser.add_argument("--init", type=Path, default=None, help="start from this checkpoint")
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-n", type=int, default=64)
+    parser.add_argument("--log-every", type=int, default=10)
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if not (args.steps or args.minutes):
+        parser.error("give --steps or --minutes")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    record = train(args)
+    print(json.dumps({k: v for k, v in record.items() if k != "history"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

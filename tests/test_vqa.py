@@ -1,0 +1,137 @@
+"""The synthetic sparse-evidence VQA task, the shipped trained model, the accuracy benchmark."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from bacon_sglang.models import tiny, train, vqa
+from bacon_sglang.server import running_server
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # accuracy.py imports its sibling serving.py
+_SPEC = importlib.util.spec_from_file_location("accuracy", BENCHMARKS / "accuracy.py")
+accuracy = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(accuracy)
+
+
+def test_generator_is_deterministic_and_splits_differ():
+    first, again = vqa.dataset("test", 6), vqa.dataset("test", 6)
+    for a, b in zip(first, again, strict=True):
+        assert (a.question, a.answer, a.objects) == (b.question, b.answer, b.objects)
+        assert a.image.tobytes() == b.image.tobytes()
+    train_qs = {(s.question, s.objects) for s in vqa.dataset("train", 50)}
+    assert not train_qs & {(s.question, s.objects) for s in vqa.dataset("test", 50)}
+    assert vqa.sample("test", 3).objects == first[3].objects  # random access by index
+    text = vqa.sample("val", 0, text_fraction=1.0)
+    assert text.kind == "text" and text == vqa.sample("val", 0, text_fraction=1.0)
+
+
+@pytest.mark.parametrize("index", range(40))
+def test_answer_is_in_exactly_one_cell(index):
+    s = vqa.sample("test", index)
+    assert s.image.size == (448, 448)
+    assert vqa.MIN_OBJECTS <= len(s.objects) <= vqa.MAX_OBJECTS
+    row, col = s.evidence[0]
+    cells = {o[:2] for o in s.objects}
+    target = next(o for o in s.objects if o[:2] == (row, col))
+    if s.kind == "colour":
+        assert [o for o in s.objects if o[2] == target[2]] == [target]
+        assert s.question == f"What colour is the {target[2]}?"
+        assert s.answer == f"The {target[2]} is {target[3]}."
+    else:
+        assert [o for o in s.objects if o[3] == target[3]] == [target]
+        assert s.answer == f"The {target[3]} one is a {target[2]}."
+
+    # The evidence cell holds the target colour on white; an empty cell is white.
+    def colours(r: int, c: int) -> set:
+        box = (c * vqa.CELL, r * vqa.CELL, (c + 1) * vqa.CELL, (r + 1) * vqa.CELL)
+        return {colour for _, colour in s.image.crop(box).getcolors(4096)}
+
+    assert colours(row, col) == {(255, 255, 255), vqa.COLOURS[target[3]]}
+    empty = next((r, c) for r in range(vqa.GRID) for c in range(vqa.GRID) if (r, c) not in cells)
+    assert colours(*empty) == {(255, 255, 255)}
+    # Each shape stays inside its own cell: one shape = one 28 x 28 LLM token.
+    pixels = np.asarray(s.image)
+    assert (pixels[:: vqa.CELL] == 255).all() and (pixels[:, :: vqa.CELL] == 255).all()
+
+
+def test_text_task_answer_is_among_the_facts():
+    for i in range(20):
+        s = vqa.sample("test", i, text_fraction=1.0)
+        key, value = s.answer.removeprefix("The ").removesuffix(".").split(" is ")
+        assert f"{key}: {value}\n" in s.facts
+        assert s.facts.count(f"{key}: ") == 1
+        assert s.question == f"What is the value of {key}?"
+
+
+def test_answer_words_are_single_tokens():
+    tok = tiny.build_tokenizer()
+    for word in [*vqa.COLOURS, *vqa.KEYS]:
+        assert len(tok.encode(" " + word, add_special_tokens=False).ids) == 1, word
+
+
+def test_patchify_matches_the_processor(tiny_model_path):
+    train.check_patchify(tiny_model_path)
+
+
+def test_shipped_checkpoint_layout():
+    """The shipped model is the tiny builder's files (one vision block) plus trained weights."""
+    model = vqa.MODEL_DIR
+    config = json.loads((model / "config.json").read_text())
+    tok = tiny.build_tokenizer(train.SPEC)
+    ids = tiny._token_ids(tok)
+    assert config == tiny._model_config(train.SPEC, ids, tok.get_vocab_size())
+    weights = model / "model.safetensors"
+    assert weights.stat().st_size < 50 * 2**20
+    expected = tiny.weight_shapes(train.SPEC, config["vocab_size"])
+    with safe_open(weights, "pt") as f:
+        assert set(f.keys()) == set(expected)
+        for name in f.keys():
+            t = f.get_tensor(name)
+            assert t.dtype == torch.bfloat16 and tuple(t.shape) == expected[name]
+    assert (model / "README.md").is_file()
+
+
+@pytest.mark.engine
+def test_shipped_model_answers_with_the_full_cache():
+    """The shipped model, served by SGLang with --kv-policy none (its default bf16), on 50
+    held-out test questions: every colour question right and >= 65% of all (measured on the
+    200-question benchmark: colour questions 100%, shape questions 46%, all 74.5%; the issue's
+    target was 90%, see the model card)."""
+    samples = vqa.dataset("test", 50, start=1000)
+    args = ["--kv-policy", "none", "--max-total-tokens", "16384"]
+    with running_server(vqa.MODEL_DIR, args) as server:
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda s: accuracy.serve_one(server.base_url, s), samples))
+    right = [vqa.exact_match(text, s) for (text, _), s in zip(replies, samples, strict=True)]
+    colour = [r for r, s in zip(right, samples, strict=True) if s.kind == "colour"]
+    assert len(colour) >= 10 and all(colour), [t for t, _ in replies]
+    assert sum(right) / len(samples) >= 0.65, (sum(right), [t for t, _ in replies])
+    assert all("kv_compression" not in meta for _, meta in replies)
+
+
+@pytest.mark.engine
+def test_accuracy_benchmark_smoke(tmp_path):
+    """The benchmark at a tiny size: every answer of the server equals transformers' answer
+    from the same keep-sets; budget 64 (32 selected tokens + the window) keeps the answers of
+    the full cache (within one question); budget 32 (the window only) loses the image."""
+    record = accuracy.run(accuracy.parse_args(["--smoke", "--out", str(tmp_path)]))
+    rows = {(r["policy"], r["budget"]): r for r in record["rows"]}
+    assert set(rows) == {("none", None)} | {(p, b) for p in ("snapkv", "bacon") for b in (64, 32)}
+    assert all(r["agreement"] == 1.0 for r in rows.values()), record["rows"]
+    full = rows[("none", None)]["server"]
+    assert full >= 0.5, record["answers"]
+    for policy in ("snapkv", "bacon"):
+        assert rows[(policy, 64)]["server"] >= full - 1 / 8, record["rows"]
+        assert rows[(policy, 32)]["server"] < full, record["rows"]
+    for suffix in ("md", "json", "png"):
+        assert (tmp_path / f"accuracy_smoke.{suffix}").stat().st_size > 0
