@@ -44,6 +44,8 @@ def demo_image(size: int = 448) -> Image.Image:
 
 
 def image_data_url(img: Image.Image) -> str:
+    """``img`` as a ``data:image/png;base64,...`` URL (what SGLang's ``image_data`` and the
+    OpenAI ``image_url`` accept)."""
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -49,12 +49,12 @@ from serving_client import (
     Sampler,
     Workload,
     chat_prompt,
-    kv_memory,
     loads,
     run_closed_loop,
     run_open_loop,
 )
 
+from bacon_sglang.demo import kv_memory
 from bacon_sglang.server import cpu_engine, running_server
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -22,8 +22,6 @@ argument. ``/server_info``'s ``bacon_kv`` is sampled at a lower rate as the cros
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import queue
 import random
@@ -34,6 +32,8 @@ from dataclasses import dataclass, field
 
 import requests
 from PIL import Image, ImageDraw
+
+from bacon_sglang.demo import image_data_url, kv_memory
 
 
 def grid_image(size: int, seed: int) -> Image.Image:
@@ -48,13 +48,6 @@ def grid_image(size: int, seed: int) -> Image.Image:
             colour = tuple(rng.randrange(256) for _ in range(3))
             (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
     return img
-
-
-def data_url(img: Image.Image) -> str:
-    """The image as a ``data:image/png;base64,...`` URL (what ``image_data`` accepts)."""
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @dataclass
@@ -79,7 +72,7 @@ class Workload:
             if override:
                 sampling["custom_params"] = {"kv_compression": override}
             body = {"text": self.prompt, "sampling_params": sampling, "stream": True}
-            body["image_data"] = data_url(grid_image(size, self.seed))
+            body["image_data"] = image_data_url(grid_image(size, self.seed))
             out.append(body)
         return out
 
@@ -205,12 +198,6 @@ def loads(base_url: str) -> dict:
     """The scheduler's published load snapshot (``GET /v1/loads``, dp rank 0)."""
     reply = requests.get(base_url + "/v1/loads?include=core,queues", timeout=30)
     return reply.json()["loads"][0]
-
-
-def kv_memory(base_url: str) -> dict:
-    """bacon-sglang's pool accounting and counters (``/server_info`` internal_states[0])."""
-    info = requests.get(base_url + "/server_info", timeout=60).json()
-    return info["internal_states"][0].get("bacon_kv", {})
 
 
 class Sampler:

@@ -5,8 +5,6 @@ integrity check: when idle, every slot is free or owned by the radix tree."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import subprocess
@@ -18,19 +16,13 @@ import pytest
 import requests
 import torch
 
-from bacon_sglang.demo import demo_image
+from bacon_sglang.demo import demo_image, image_data_url, kv_memory
 from bacon_sglang.reference import decode_with_keep_sets, keep_sets_from_attention, kept_positions
 from bacon_sglang.server import running_server
 
 pytestmark = pytest.mark.engine
 
 MAX_NEW = 8
-
-
-def image_url(img) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +77,10 @@ def generate(
         sampling["custom_params"] = {"kv_compression": override}
     body = {"text": text, "sampling_params": sampling, "return_logprob": True, **extra}
     if img is not None:
-        body["image_data"] = image_url(img)
+        body["image_data"] = image_data_url(img)
     reply = requests.post(base_url + "/generate", json=body, timeout=600)
     assert reply.status_code == 200, reply.text
     return reply.json()
-
-
-def kv_memory(base_url: str) -> dict:
-    info = requests.get(base_url + "/server_info", timeout=60).json()
-    return info["internal_states"][0]["bacon_kv"]
 
 
 def assert_integrity(base_url: str) -> dict:
