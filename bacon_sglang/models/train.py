@@ -98,6 +98,22 @@ def follow_ups(s: vqa.VQASample, n: int, seed: int) -> list[tuple[str, str]]:
     return [others[int(i)] for i in order[:n]]
 
 
+def training_samples(
+    start: int, n: int, grid: int, distinct_fraction: float = 0.0
+) -> list[vqa.VQASample]:
+    """Train-split samples ``start .. start + n - 1`` on ``grid`` x ``grid`` images; with
+    probability ``distinct_fraction`` a sample's objects all have different colours (so its
+    follow-ups hold one shape question per object; see :func:`vqa.image_sample`)."""
+    if distinct_fraction <= 0:
+        return vqa.dataset("train", n, start=start, grids=(grid,))
+    out = []
+    for index in range(start, start + n):
+        rng = vqa.rng_for("train", index)
+        distinct = bool(rng.random() < distinct_fraction)
+        out.append(vqa.image_sample(rng, grid=grid, distinct_colours=distinct))
+    return out
+
+
 def make_batch(
     tokenizer,
     samples: list[vqa.VQASample],
@@ -271,9 +287,12 @@ def train(args: argparse.Namespace) -> dict:
             group["lr"] = lr_at(step, done, args.lr, args.warmup)
         grid = small_grid(args.small_grids, step, done / args.small_fraction) if small else vqa.GRID
         batch = args.small_batch if small else args.batch
-        samples = vqa.dataset(
-            "train", batch, start=seen, text_fraction=args.text_fraction, grids=(grid,)
-        )
+        if args.text_fraction > 0:
+            samples = vqa.dataset(
+                "train", batch, start=seen, text_fraction=args.text_fraction, grids=(grid,)
+            )
+        else:
+            samples = training_samples(seen, batch, grid, args.distinct_fraction)
         turns = [follow_ups(s, args.follow_ups, seen + j) for j, s in enumerate(samples)]
         seen += batch
         b = make_batch(tokenizer, samples, turns=turns)
@@ -334,6 +353,7 @@ def _save(model, work: Path, out: Path, args, steps: int, seconds: float, histor
         "samples": args.samples,
         "text_fraction": args.text_fraction,
         "follow_ups": args.follow_ups,
+        "distinct_fraction": args.distinct_fraction,
         "init": str(args.init) if args.init else None,
         "small_grids": list(args.small_grids),
         "small_fraction": args.small_fraction,
@@ -378,6 +398,12 @@ def main(argv: list[str] | None = None) -> None:
         "--follow-ups", type=int, default=0, help="extra questions per training image"
     )
     parser.add_argument("--text-fraction", type=float, default=0.0)
+    parser.add_argument(
+        "--distinct-fraction",
+        type=float,
+        default=0.0,
+        help="share of training images whose objects all have different colours",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--offset", type=int, default=0, help="first train-split index")
     parser.add_argument("--init", type=Path, default=None, help="start from this checkpoint")

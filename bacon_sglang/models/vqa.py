@@ -124,15 +124,24 @@ def render(objects: tuple[tuple[int, int, str, str], ...], grid: int = GRID) -> 
     return img
 
 
-def image_sample(rng: np.random.Generator, kind: str | None = None, grid: int = GRID) -> VQASample:
+def image_sample(
+    rng: np.random.Generator,
+    kind: str | None = None,
+    grid: int = GRID,
+    distinct_colours: bool = False,
+) -> VQASample:
     """A ``grid`` x ``grid`` image (28-px cells, so ``grid**2`` visual tokens) and a
     question (``kind`` "colour" or "shape"; random when None) whose answer is determined by the
     one object with the asked shape or colour. Smaller grids (fewer tokens; 1 to
     ``min(MAX_OBJECTS, cells / 2)`` objects, so some questions need no search) are the training
-    curriculum's cheap early steps; the splits use ``GRID``."""
+    curriculum's cheap early steps; the splits use ``GRID``. ``distinct_colours`` (training
+    only) gives every object its own colour (at most 8 objects), so that every colour in the
+    image asks a shape question."""
+    if distinct_colours:
+        kind = "shape"
     kind = kind or ("colour", "shape")[int(rng.integers(2))]
     cells_n = grid * grid
-    high = min(MAX_OBJECTS, cells_n // 2)
+    high = min(len(COLOURS) if distinct_colours else MAX_OBJECTS, cells_n // 2)
     low = MIN_OBJECTS if grid == GRID else 1
     n = int(rng.integers(low, high + 1))
     cells = rng.choice(cells_n, size=n, replace=False)
@@ -140,8 +149,13 @@ def image_sample(rng: np.random.Generator, kind: str | None = None, grid: int = 
     target_shape = shapes[int(rng.integers(len(shapes)))]
     target_colour = colours[int(rng.integers(len(colours)))]
     objects = [(int(cells[0]) // grid, int(cells[0]) % grid, target_shape, target_colour)]
-    for cell in cells[1:]:
-        if kind == "colour":  # every other object has another shape, any colour
+    others = [c for c in colours if c != target_colour]
+    if distinct_colours:  # (no draw otherwise: the splits' streams stay as they were)
+        others = [others[int(i)] for i in rng.permutation(len(others))]
+    for i, cell in enumerate(cells[1:]):
+        if distinct_colours:
+            shape, colour = shapes[int(rng.integers(len(shapes)))], others[i]
+        elif kind == "colour":  # every other object has another shape, any colour
             shape = [s for s in shapes if s != target_shape][int(rng.integers(len(shapes) - 1))]
             colour = colours[int(rng.integers(len(colours)))]
         else:  # every other object has another colour, any shape
