@@ -34,6 +34,7 @@ import requests
 import torch
 from serving import machine, results_dir
 
+from bacon_sglang.config import POLICY_NAMES
 from bacon_sglang.demo import image_data_url
 from bacon_sglang.models import train, vqa
 from bacon_sglang.reference import decode_with_keep_sets, kept_positions
@@ -42,7 +43,10 @@ from bacon_sglang.server import running_server
 logger = logging.getLogger(__name__)
 
 BUDGETS = (256, 128, 64, 32)
-POLICIES = ("snapkv", "bacon")
+# Every compressing policy the server serves. PyramidKV and AdaKV exist in the scoring core
+# only: a compacted request keeps one number of slots for every layer and KV head, and their
+# budgets differ per layer (PyramidKV) or per head (AdaKV).
+POLICIES = tuple(p for p in POLICY_NAMES if p != "none")
 MAX_NEW = 16
 
 
@@ -240,7 +244,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=100, help="test questions")
     parser.add_argument("--start", type=int, default=0, help="first test-split index")
     parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES))
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--workers", type=int, default=8, help="concurrent requests")
     parser.add_argument("--no-offline", action="store_true", help="skip the transformers check")
