@@ -68,7 +68,7 @@ def test_answer_is_in_exactly_one_cell(index):
 def test_distinct_colour_training_images(grid):
     """Training-only images whose objects all differ in colour: one shape question per object,
     and the same index without them is the split's own sample (its stream is unchanged)."""
-    samples = train.training_samples(500, 30, grid, distinct_fraction=0.5)
+    samples = vqa.dataset("train", 30, 500, grids=(grid,), distinct_fraction=0.5)
     chosen = [vqa.rng_for("train", i).random() < 0.5 for i in range(500, 530)]
     distinct = [s for s, c in zip(samples, chosen, strict=True) if c]
     assert 5 <= len(distinct) <= 25
@@ -77,7 +77,10 @@ def test_distinct_colour_training_images(grid):
         assert len({o[3] for o in s.objects}) == len(s.objects)
         shape_qs = [q for q, _ in vqa.all_questions(s.objects) if q.startswith("Which shape")]
         assert len(shape_qs) == len(s.objects) and s.question in shape_qs
-    assert train.training_samples(500, 30, grid) == vqa.dataset("train", 30, 500, grids=(grid,))
+    unchanged = vqa.dataset("train", 30, 500, grids=(grid,), distinct_fraction=0.0)
+    assert unchanged == [
+        vqa.image_sample(vqa.rng_for("train", i), grid=grid) for i in range(500, 530)
+    ]
 
 
 def test_text_task_answer_is_among_the_facts():

@@ -98,22 +98,6 @@ def follow_ups(s: vqa.VQASample, n: int, seed: int) -> list[tuple[str, str]]:
     return [others[int(i)] for i in order[:n]]
 
 
-def training_samples(
-    start: int, n: int, grid: int, distinct_fraction: float = 0.0
-) -> list[vqa.VQASample]:
-    """Train-split samples ``start .. start + n - 1`` on ``grid`` x ``grid`` images; with
-    probability ``distinct_fraction`` a sample's objects all have different colours (so its
-    follow-ups hold one shape question per object; see :func:`vqa.image_sample`)."""
-    if distinct_fraction <= 0:
-        return vqa.dataset("train", n, start=start, grids=(grid,))
-    out = []
-    for index in range(start, start + n):
-        rng = vqa.rng_for("train", index)
-        distinct = bool(rng.random() < distinct_fraction)
-        out.append(vqa.image_sample(rng, grid=grid, distinct_colours=distinct))
-    return out
-
-
 def make_batch(
     tokenizer,
     samples: list[vqa.VQASample],
@@ -287,12 +271,14 @@ def train(args: argparse.Namespace) -> dict:
             group["lr"] = lr_at(step, done, args.lr, args.warmup)
         grid = small_grid(args.small_grids, step, done / args.small_fraction) if small else vqa.GRID
         batch = args.small_batch if small else args.batch
-        if args.text_fraction > 0:
-            samples = vqa.dataset(
-                "train", batch, start=seen, text_fraction=args.text_fraction, grids=(grid,)
-            )
-        else:
-            samples = training_samples(seen, batch, grid, args.distinct_fraction)
+        samples = vqa.dataset(
+            "train",
+            batch,
+            start=seen,
+            text_fraction=args.text_fraction,
+            grids=(grid,),
+            distinct_fraction=args.distinct_fraction,
+        )
         turns = [follow_ups(s, args.follow_ups, seen + j) for j, s in enumerate(samples)]
         seen += batch
         b = make_batch(tokenizer, samples, turns=turns)

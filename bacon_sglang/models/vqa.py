@@ -160,7 +160,7 @@ def image_sample(
             colour = colours[int(rng.integers(len(colours)))]
         else:  # every other object has another colour, any shape
             shape = shapes[int(rng.integers(len(shapes)))]
-            colour = [c for c in colours if c != target_colour][int(rng.integers(len(colours) - 1))]
+            colour = others[int(rng.integers(len(others)))]
         objects.append((int(cell) // grid, int(cell) % grid, shape, colour))
     objects_t = tuple(sorted(objects))
     if kind == "colour":
@@ -206,22 +206,36 @@ def text_sample(rng: np.random.Generator) -> VQASample:
     )
 
 
-def sample(split: str, index: int, text_fraction: float = 0.0, grid: int = GRID) -> VQASample:
+def sample(
+    split: str,
+    index: int,
+    text_fraction: float = 0.0,
+    grid: int = GRID,
+    distinct_fraction: float = 0.0,
+) -> VQASample:
     """Sample ``index`` of ``split``: the text task with probability ``text_fraction``,
-    otherwise an image question (colour or shape, even odds) on a ``grid`` x ``grid`` image."""
+    otherwise an image question (colour or shape, even odds) on a ``grid`` x ``grid`` image,
+    whose objects all differ in colour with probability ``distinct_fraction`` (training only,
+    see :func:`image_sample`). A fraction of 0 draws nothing, so the splits stay as they are."""
     rng = rng_for(split, index)
     if text_fraction > 0 and rng.random() < text_fraction:
         return text_sample(rng)
-    return image_sample(rng, grid=grid)
+    distinct = distinct_fraction > 0 and bool(rng.random() < distinct_fraction)
+    return image_sample(rng, grid=grid, distinct_colours=distinct)
 
 
 def dataset(
-    split: str, n: int, start: int = 0, text_fraction: float = 0.0, grids: tuple[int, ...] = ()
+    split: str,
+    n: int,
+    start: int = 0,
+    text_fraction: float = 0.0,
+    grids: tuple[int, ...] = (),
+    distinct_fraction: float = 0.0,
 ) -> list[VQASample]:
-    """Samples ``start .. start + n - 1`` of ``split``; sample ``i`` uses the grid
-    ``grids[i % len(grids)]`` (default: :data:`GRID`)."""
+    """Samples ``start .. start + n - 1`` of ``split`` (see :func:`sample`); sample ``i`` uses
+    the grid ``grids[i % len(grids)]`` (default: :data:`GRID`)."""
     return [
-        sample(split, i, text_fraction, grids[i % len(grids)] if grids else GRID)
+        sample(split, i, text_fraction, grids[i % len(grids)] if grids else GRID, distinct_fraction)
         for i in range(start, start + n)
     ]
 
