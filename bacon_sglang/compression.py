@@ -18,6 +18,10 @@ The ranges of one request's ``req_to_token`` row (positions, not slots)::
                        |  here in order)         |  pages)            |  position L+t)
 
 ``kept`` counts the observation window (the last ``w`` prompt tokens, always kept).
+
+With a copy (``--kv-prefix-cache full``), the kept K/V go to ``copy_slots`` instead, the
+request's row is pointed at them for ``[P, P + kept)``, and the slots of ``[P, L)`` stay
+untouched, for the radix tree (``patches/radix_cache.py`` draws the picture).
 """
 
 from __future__ import annotations
@@ -66,6 +70,10 @@ class RequestCompression:
         slots: ``[L]`` slot ids of the prompt (snapshot of the ``req_to_token`` row).
         keep: ``[num_layers, Hkv, kept]`` positions kept per layer and head (filled layer by
             layer).
+        cached_len: tokens of the prompt matched in the radix tree (not prefilled).
+        copy_slots: ``[>= kept]`` fresh slots the kept K/V are gathered into (their first
+            ``kept``), or None: compacted in place, into ``slots[P:P + kept]``.
+        copy_fallback: a copy was asked for but the pool had no room for it.
     """
 
     config: CompressionConfig
@@ -75,6 +83,9 @@ class RequestCompression:
     kept: int
     slots: Tensor
     keep: Tensor
+    cached_len: int = 0
+    copy_slots: Tensor | None = None
+    copy_fallback: bool = False
     state: RequestState = field(default_factory=RequestState)
 
     @property
@@ -85,6 +96,14 @@ class RequestCompression:
     @property
     def evicted(self) -> int:
         return self.prompt_len - self.new_len
+
+    def destination(self) -> Tensor:
+        """``[P + kept]`` slot of each kept position after compaction: the row itself, or
+        with a copy, the row's prefix followed by the copy's slots."""
+        if self.copy_slots is None:
+            return self.slots[: self.new_len]
+        copy = self.copy_slots[: self.kept].to(self.slots.dtype)
+        return torch.cat([self.slots[: self.prefix_len], copy])
 
     def record(self, layer_id: int, keep: Tensor, evidence: Tensor | None = None) -> None:
         """Store layer ``layer_id``'s keep-set ``[Hkv, kept]`` (sorted positions in
@@ -129,17 +148,25 @@ class RequestCompression:
         self.record(layer_id, keep)
         return keep
 
-    def stats(self, page_size: int = 1) -> dict:
-        """The per-request report that goes into the response's ``meta_info``."""
+    def stats(self, page_size: int = 1, tree_tokens: int | None = None) -> dict:
+        """The per-request report that goes into the response's ``meta_info``.
+
+        ``freed_slots``: prompt slots the request no longer holds (back to the allocator or,
+        with a copy, left in the radix tree as evictable cache); ``tree_tokens``: prompt
+        tokens the radix tree holds for it afterwards (default: its shared prefix)."""
         freed_from = -(-self.new_len // page_size) * page_size
         return {
             "policy": self.config.policy,
             "budget": self.config.budget,
             "prompt_tokens": self.prompt_len,
+            "cached_tokens": self.cached_len,
             "shared_prefix_tokens": self.prefix_len,
             "kept_tokens": self.new_len,
             "evicted_tokens": self.evicted,
             "freed_slots": max(0, self.prompt_len - freed_from),
+            "kv_source": "copy" if self.copy_slots is not None else "in_place",
+            "copy_fallback": self.copy_fallback,
+            "tree_tokens": self.prefix_len if tree_tokens is None else tree_tokens,
         }
 
 
@@ -151,12 +178,15 @@ def plan_request(
     slots: Tensor,
     num_layers: int,
     num_kv_heads: int,
+    cached_len: int = 0,
 ) -> RequestCompression | None:
     """A :class:`RequestCompression` for a prompt of ``prompt_len`` tokens whose first
-    ``prefix_len`` are shared, or None when this prompt is not compressed."""
+    ``prefix_len`` are kept whole, or None when this prompt is not compressed."""
     private = prompt_len - prefix_len
     if not config.should_compress(private):
         return None
     kept = config.kept_tokens(private)
     keep = torch.empty(num_layers, num_kv_heads, kept, dtype=torch.long, device=slots.device)
-    return RequestCompression(config, policy, prompt_len, prefix_len, kept, slots, keep)
+    return RequestCompression(
+        config, policy, prompt_len, prefix_len, kept, slots, keep, cached_len=cached_len
+    )

@@ -14,6 +14,7 @@ from typing import Any
 
 POLICY_NAMES: tuple[str, ...] = ("none", "snapkv", "bacon")
 TEXT_PREFIX_MODES: tuple[str, ...] = ("compress", "share")
+PREFIX_CACHE_MODES: tuple[str, ...] = ("full", "shared")
 
 # Flag name -> (config field, help text). The flags, the Engine keyword arguments and the
 # per-request override keys are all derived from this one table.
@@ -43,6 +44,14 @@ FLAGS: dict[str, tuple[str, str]] = {
         "like the rest, or share: keep it whole and insert it into the radix cache, so "
         "requests that start with the same text reuse its KV.",
     ),
+    "--kv-prefix-cache": (
+        "prefix_cache",
+        "What a compressed request leaves in the radix cache: full (default): its whole "
+        "prompt with uncompressed KV, as evictable cache, while it decodes from a private "
+        "compressed copy (a later request with the same image or chat history hits the "
+        "cache); shared: only the prefix it matched (and the text kept by "
+        "--kv-text-prefix share); the prompt is compacted in place and never cached.",
+    ),
     "--kv-debug-dir": (
         "debug_dir",
         "Write each compressed request's per-layer, per-head keep-sets to DIR/<rid>.pt "
@@ -51,7 +60,7 @@ FLAGS: dict[str, tuple[str, str]] = {
 }
 
 # Keys a request may override (its ``custom_params["kv_compression"]``).
-OVERRIDABLE = ("policy", "budget", "window", "pool_kernel", "min_prompt")
+OVERRIDABLE = ("policy", "budget", "window", "pool_kernel", "min_prompt", "prefix_cache")
 
 
 class ConfigError(ValueError):
@@ -73,6 +82,7 @@ class CompressionConfig:
     pool_kernel: int = 5
     min_prompt: int | None = None
     text_prefix: str = "compress"
+    prefix_cache: str = "full"
     debug_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -85,6 +95,11 @@ class CompressionConfig:
             raise ConfigError(
                 f"--kv-text-prefix: expected one of {', '.join(TEXT_PREFIX_MODES)}, "
                 f"got {self.text_prefix!r}"
+            )
+        if self.prefix_cache not in PREFIX_CACHE_MODES:
+            raise ConfigError(
+                f"--kv-prefix-cache: expected one of {', '.join(PREFIX_CACHE_MODES)}, "
+                f"got {self.prefix_cache!r}"
             )
         _require_int("--kv-window", self.window, minimum=1)
         _require_int("--kv-pool-kernel", self.pool_kernel, minimum=1)
@@ -134,7 +149,8 @@ class CompressionConfig:
 
     def with_overrides(self, overrides: dict[str, Any]) -> CompressionConfig:
         """A copy with per-request overrides applied (keys: policy, budget, window,
-        pool_kernel, min_prompt, optionally prefixed with ``kv_``); validated the same way.
+        pool_kernel, min_prompt, prefix_cache, optionally prefixed with ``kv_``); validated
+        the same way.
 
         An override of ``budget`` without ``min_prompt`` re-derives the default minimum."""
         if not isinstance(overrides, dict):

@@ -290,9 +290,10 @@ def compact(
     prefix_lens: Tensor,
     keep: Tensor,
     keep_indptr: Tensor,
+    dst: KVIndex | None = None,
 ) -> None:
     """Move each request's kept tokens to the front of its private slots, head by head, in
-    every layer, in place.
+    every layer, in place (or, with ``dst``, into other slots).
 
     One request, one layer, one KV head ``h``, row = the request's slot ids::
 
@@ -312,15 +313,19 @@ def compact(
             request's ``[num_layers, Hkv, B_r]`` strictly increasing along the last axis and
             inside ``[P_r, L_r)`` (see :func:`check_keep`).
         keep_indptr: ``[R + 1]`` offsets of each request in ``keep``'s last axis.
+        dst: where position ``P + j`` goes, as rows of at least ``P_r + B_r`` positions
+            (default ``index``: in place). Out of place, a request's destination slots of
+            ``[P, P + B)`` must be no request's source.
     """
     check_keep(index, prefix_lens, keep, keep_indptr)
+    targets = index if dst is None else dst
     bounds = keep_indptr.tolist()
     heads = torch.arange(keep.shape[1], device=keep.device).unsqueeze(1)  # [Hkv, 1]
     for r, (k0, k1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         slots = index.slots(r)
         p = int(prefix_lens[r])
-        dst = slots[p : p + k1 - k0].unsqueeze(0)  # [1, B]
+        to = targets.slots(r)[p : p + k1 - k0].unsqueeze(0)  # [1, B]
         for layer, (kb, vb) in enumerate(zip(k_buffers, v_buffers, strict=True)):
             src = slots[keep[layer, :, k0:k1].long()]  # [Hkv, B]
-            kb[dst, heads] = kb[src, heads]  # advanced indexing copies: all read before any write
-            vb[dst, heads] = vb[src, heads]
+            kb[to, heads] = kb[src, heads]  # advanced indexing copies: all read before any write
+            vb[to, heads] = vb[src, heads]

@@ -97,6 +97,7 @@ class RequestResult:
     ttft: float = 0.0  # seconds to the first output token
     itl: list[float] = field(default_factory=list)  # seconds between output tokens
     meta: dict = field(default_factory=dict)
+    text: str = ""  # the generated text
     error: str | None = None
 
     @property
@@ -133,6 +134,7 @@ def send(session: requests.Session, base_url: str, body: dict) -> RequestResult:
                         )
                     last_time, last_tokens = now, tokens
                 result.meta = event["meta_info"]
+                result.text = event.get("text", result.text)
     except (requests.RequestException, RuntimeError) as exc:
         result.error = str(exc)
     result.end = time.perf_counter()

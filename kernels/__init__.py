@@ -212,12 +212,14 @@ def compact(
     prefix_lens: Tensor,
     keep: Tensor,
     keep_indptr: Tensor,
+    dst: KVIndex | None = None,
     *,
     check: bool = False,
     backend: Backend | None = None,
 ) -> None:
     """Move each request's kept tokens, per layer and KV head, to the front of its private
-    slots, in place (ranges and contract: :func:`bacon_sglang.paged.compact`).
+    slots, in place, or into ``dst``'s slots (ranges and contract:
+    :func:`bacon_sglang.paged.compact`).
 
     Args:
         k_buffers, v_buffers: per layer ``[num_slots, Hkv, d]`` (e.g. ``pool.k_buffer``).
@@ -227,14 +229,15 @@ def compact(
         keep: ``[num_layers, Hkv, sum_B]`` positions, per request strictly increasing in
             ``[P_r, L_r)`` (:func:`pack_keep` packs per-request ``[num_layers, Hkv, B_r]``).
         keep_indptr: ``[R + 1]``.
+        dst: destination rows, ``[>= P_r + B_r]`` positions each (default: ``index``).
         check: verify the precondition on ``keep`` first (syncs; the torch backend always
             checks).
     """
     if pick_backend(k_buffers[0], backend) == "torch":
-        paged.compact(k_buffers, v_buffers, index, prefix_lens, keep, keep_indptr)
+        paged.compact(k_buffers, v_buffers, index, prefix_lens, keep, keep_indptr, dst)
         return
     if check:
         check_keep(index, prefix_lens, keep, keep_indptr)
     _kernel_module("compaction").compact(
-        k_buffers, v_buffers, index, prefix_lens, keep, keep_indptr
+        k_buffers, v_buffers, index, prefix_lens, keep, keep_indptr, dst
     )

@@ -1,4 +1,5 @@
-"""In-place per-head compaction of the kept tokens, all layers and requests in one launch.
+"""Per-head compaction of the kept tokens, all layers and requests in one launch: in place,
+or into other slots (a destination table, e.g. a compressed copy's fresh slots).
 
 Reference: :func:`bacon_sglang.paged.compact` (same arguments; the picture of the slot ranges
 is there). Bytes are copied as integers of the element's width, so the result is bit-exact
@@ -12,7 +13,7 @@ increasing and ``>= P``, so ``keep[j] >= P + j``. A chunk writes positions
 ``[P + c, P + c + BLOCK_J)``; every later chunk reads positions ``keep[j] >= P + c + BLOCK_J``,
 never one already written, and the chunk's own sources are all loaded before the barrier,
 so it may overwrite them. Different (layer, head) pairs touch disjoint bytes, different
-requests disjoint slots.
+requests disjoint slots. Out of place the destination slots are no one's source.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ _TL_BITS = {1: tl.int8, 2: tl.int16, 4: tl.int32, 8: tl.int64}
 
 @triton.jit
 def _compact_kernel(
-    k_ptrs, v_ptrs, table, starts, prefix_lens, keep, keep_indptr, keep_stride_l, keep_stride_h,
-    stride_ks, stride_kh, stride_vs, stride_vh,
-    ELEM: tl.constexpr, PAGE: tl.constexpr, DIM_K: tl.constexpr, DIM_V: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    k_ptrs, v_ptrs, table, starts, dst_table, dst_starts, prefix_lens, keep, keep_indptr,
+    keep_stride_l, keep_stride_h, stride_ks, stride_kh, stride_vs, stride_vh,
+    ELEM: tl.constexpr, PAGE: tl.constexpr, DST_PAGE: tl.constexpr, DIM_K: tl.constexpr,
+    DIM_V: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     req = tl.program_id(0)
     layer = tl.program_id(1)
@@ -44,6 +45,7 @@ def _compact_kernel(
     k_buf = tl.load(k_ptrs + layer).to(tl.pointer_type(ELEM))
     v_buf = tl.load(v_ptrs + layer).to(tl.pointer_type(ELEM))
     start = tl.load(starts + req)
+    dst_start = tl.load(dst_starts + req)
     prefix = tl.load(prefix_lens + req)
     k0 = tl.load(keep_indptr + req)
     count = tl.load(keep_indptr + req + 1) - k0
@@ -52,10 +54,11 @@ def _compact_kernel(
     dv = tl.arange(0, BLOCK_DV)
     for c in range(0, count, BLOCK_J):
         j = c + tl.arange(0, BLOCK_J)
-        src_pos = tl.load(keep_row + j, mask=j < count, other=0)
-        move = (j < count) & (src_pos != prefix + j)  # tokens already in place stay
-        src = slot_of(table, start, src_pos, move, PAGE)
-        dst = slot_of(table, start, prefix + j, move, PAGE)
+        valid = j < count
+        src_pos = tl.load(keep_row + j, mask=valid, other=0)
+        src = slot_of(table, start, src_pos, valid, PAGE)
+        dst = slot_of(dst_table, dst_start, prefix + j, valid, DST_PAGE)
+        move = valid & (src != dst)  # tokens already in place stay
         k_mask = move[:, None] & (dk < DIM_K)[None, :]
         v_mask = move[:, None] & (dv < DIM_V)[None, :]
         k_rows = tl.load(k_buf + src[:, None] * stride_ks + h * stride_kh + dk[None, :], k_mask)
@@ -83,11 +86,13 @@ def compact(
     prefix_lens: Tensor,
     keep: Tensor,
     keep_indptr: Tensor,
+    dst: KVIndex | None = None,
     *,
     block_j: int = 64,
 ) -> None:
     """Launcher; arguments as :func:`bacon_sglang.paged.compact` (the precondition on
     ``keep`` is not checked here: call :func:`bacon_sglang.paged.check_keep` to check it)."""
+    dst = index if dst is None else dst
     num_layers, heads, _ = keep.shape
     if len(k_buffers) != num_layers or len(v_buffers) != num_layers:
         raise ValueError(f"keep has {num_layers} layers, got {len(k_buffers)} K buffers")
@@ -104,9 +109,10 @@ def compact(
         return
     dim_k, dim_v = k_buffers[0].shape[2], v_buffers[0].shape[2]
     _compact_kernel[(batch, num_layers, heads)](
-        k_ptrs, v_ptrs, index.table, index.start.to(dev), prefix_lens.to(dev), keep,
-        keep_indptr.to(dev), keep.stride(0), keep.stride(1),
+        k_ptrs, v_ptrs, index.table, index.start.to(dev), dst.table, dst.start.to(dev),
+        prefix_lens.to(dev), keep, keep_indptr.to(dev), keep.stride(0), keep.stride(1),
         k_stride[0], k_stride[1], v_stride[0], v_stride[1],
-        ELEM=_TL_BITS[size], PAGE=index.page_size, DIM_K=dim_k, DIM_V=dim_v, BLOCK_J=block_j,
+        ELEM=_TL_BITS[size], PAGE=index.page_size, DST_PAGE=dst.page_size, DIM_K=dim_k,
+        DIM_V=dim_v, BLOCK_J=block_j,
         BLOCK_DK=triton.next_power_of_2(dim_k), BLOCK_DV=triton.next_power_of_2(dim_v),
     )  # fmt: skip

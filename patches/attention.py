@@ -11,8 +11,10 @@ layer's attention (AFTER, so this forward's own attention saw the full KV):
 2. for a request whose prompt ends in this forward, its keys for the whole prompt are read
    from the pool through its ``req_to_token`` snapshot, and the policy's keep-set for this
    layer is recorded;
-3. after the last layer, the kept K/V of every layer are compacted in place, in one call
-   (``bacon_sglang.kernels.compact``). No later layer of this forward reads those layers.
+3. after the last layer, the kept K/V of every layer are compacted, in one call
+   (``bacon_sglang.kernels.compact``): in place, or into the fresh slots of a compressed
+   copy (``--kv-prefix-cache full``), leaving the prompt's full KV for the radix tree. No
+   later layer of this forward reads those layers.
 
 ``HybridAttnBackend`` calls its sub-backends' ``forward`` with keywords, hence the
 unpacking below.
@@ -98,7 +100,8 @@ def score_group(layer, group: list, keys_buffer: torch.Tensor) -> None:
 
 
 def compact_all(runtime) -> None:
-    """Step 3: move every compressed request's kept tokens, all layers, in one call."""
+    """Step 3: move every compressed request's kept tokens, all layers, in one call (in
+    place, or into its copy's slots)."""
     plans = [e.compression for e in runtime.plan if e.compression is not None]
     if not plans:
         return
@@ -106,7 +109,8 @@ def compact_all(runtime) -> None:
     keep, keep_indptr = kernels.pack_keep([c.keep for c in plans])
     prefix_lens = torch.tensor([c.prefix_len for c in plans], device=keep.device)
     index = KVIndex.from_rows([c.slots for c in plans])
-    kernels.compact(pool.k_buffer, pool.v_buffer, index, prefix_lens, keep, keep_indptr)
+    dst = KVIndex.from_rows([c.destination() for c in plans])
+    kernels.compact(pool.k_buffer, pool.v_buffer, index, prefix_lens, keep, keep_indptr, dst)
 
 
 HOOKS = [

@@ -16,15 +16,18 @@ class CompressionCounters:
     compressed_requests: object
     evicted_tokens: object
     freed_slots: object
+    copy_fallbacks: object
 
-    def record(self, evicted: int, freed: int) -> None:
+    def record(self, evicted: int, freed: int, copy_fallback: bool = False) -> None:
         self.compressed_requests.inc()
         self.evicted_tokens.inc(evicted)
         self.freed_slots.inc(freed)
+        if copy_fallback:
+            self.copy_fallbacks.inc()
 
 
 def make_counters() -> CompressionCounters:
-    """The three counters (import prometheus_client only now: after SGLang set it up)."""
+    """The counters (import prometheus_client only now: after SGLang set it up)."""
     from prometheus_client import Counter
 
     return CompressionCounters(
@@ -38,6 +41,12 @@ def make_counters() -> CompressionCounters:
         ),
         Counter(
             "sglang:bacon_freed_slots",
-            "KV-pool slots returned to the allocator by bacon-sglang compaction.",
+            "Prompt KV slots compressed requests stopped holding (returned to the allocator, "
+            "or left in the radix cache as evictable full-prompt KV).",
+        ),
+        Counter(
+            "sglang:bacon_copy_fallbacks",
+            "Compressed requests compacted in place because the pool had no room for a "
+            "compressed copy (--kv-prefix-cache full).",
         ),
     )

@@ -10,6 +10,10 @@
   then, still before the next batch is scheduled (the overlap scheduler prepares the next
   decode right after this returns), frees the evicted slots and shortens the requests' KV
   length. Doing this in ``process_batch_result`` would be one batch too late.
+
+With ``--kv-prefix-cache full`` (the default when the radix cache is on), the plan also
+allocates each finishing request a compressed copy, and after the forward the request's full
+prompt goes into the radix tree as evictable cache (``patches/radix_cache.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from bacon_sglang.compression import RequestCompression, WindowQueries, plan_request
 from bacon_sglang.config import CompressionConfig, ConfigError
+from bacon_sglang.patches import radix_cache
 from bacon_sglang.patches.metrics import CompressionCounters, make_counters
 from bacon_sglang.patches.server_args import config_of
 from bacon_sglang.policies import Policy, make_policy
@@ -57,6 +62,8 @@ class Runtime:
     compressed_requests: int = 0
     evicted_tokens: int = 0
     freed_slots: int = 0
+    copies: int = 0  # compressed into a copy, full prompt left in the radix tree
+    copy_fallbacks: int = 0  # a copy was asked for, the pool had no room: in place
     counters: CompressionCounters | None = None  # Prometheus, with --enable-metrics
 
     def policy(self, config: CompressionConfig) -> Policy:
@@ -150,7 +157,8 @@ def build_plan(runtime: Runtime, batch) -> list[PlanEntry]:
     """Entries for the requests of an extend batch that are or will be compressed.
 
     Marks each of them ``skip_radix_cache_insert`` (its KV will not match its token ids
-    once compressed, so it must never enter the tree; the prefix it matched stays shared)."""
+    once compressed, so SGLang must never insert it; with a copy, the plan's own insert
+    publishes the prompt's full KV instead)."""
     entries = []
     q_start = 0
     extend_lens = batch.extend_lens or []
@@ -159,10 +167,9 @@ def build_plan(runtime: Runtime, batch) -> list[PlanEntry]:
         start, q_start = q_start, q_start + q_len
         config = request_config(runtime, req)
         full_len = len(req.full_untruncated_fill_ids)
-        prefix = req.kv.cache_protected_len
-        if config.text_prefix == "share" and runtime.tree_cache.supports_prefix_sharing():
-            prefix = max(prefix, text_before_first_image(req, runtime.page_size))
-        if q_len == 0 or not config.should_compress(full_len - prefix):
+        copy = copies_prompt(runtime, config)
+        private = full_len - kept_whole(runtime, req, config, copy)
+        if q_len == 0 or not config.should_compress(private):
             runtime.windows.pop(req.rid, None)
             continue
         req.skip_radix_cache_insert = True
@@ -170,19 +177,74 @@ def build_plan(runtime: Runtime, batch) -> list[PlanEntry]:
         compression = None
         if int(batch.seq_lens_cpu[i]) == full_len:  # the prompt ends in this forward
             runtime.windows.pop(req.rid, None)
-            row = req.kv.req_pool_idx
-            slots = runtime.req_to_token_pool.req_to_token[row, :full_len].clone()
-            compression = plan_request(
-                config,
-                runtime.policy(config),
-                full_len,
-                prefix,
-                slots,
-                runtime.num_layers,
-                runtime.num_kv_heads,
-            )
+            compression = plan_compression(runtime, req, config, full_len, copy)
         entries.append(PlanEntry(req, start, q_len, window, compression))
     return entries
+
+
+def copies_prompt(runtime: Runtime, config: CompressionConfig) -> bool:
+    """Whether compression leaves the full prompt in the radix tree and decodes from a
+    copy (``--kv-prefix-cache full`` with the radix cache on)."""
+    return config.prefix_cache == "full" and runtime.tree_cache.supports_prefix_sharing()
+
+
+def kept_whole(runtime: Runtime, req, config: CompressionConfig, copy: bool) -> int:
+    """Prompt tokens kept whole, never compressed: the text before the first image with
+    ``--kv-text-prefix share``; compacting in place, also what the request matched in the
+    radix tree (a copy compresses the matched part too, reading it from the tree)."""
+    text = 0
+    if config.text_prefix == "share" and runtime.tree_cache.supports_prefix_sharing():
+        text = text_before_first_image(req, runtime.page_size)
+    return text if copy else max(req.kv.cache_protected_len, text)
+
+
+def plan_compression(
+    runtime: Runtime, req, config: CompressionConfig, full_len: int, copy: bool
+) -> RequestCompression | None:
+    """The compression of a request whose prompt ends in this forward: into a fresh copy
+    when asked and the pool has room (evicting LRU cache if needed), else in place."""
+    slots = runtime.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :full_len].clone()
+
+    def plan(copy: bool) -> RequestCompression | None:
+        return plan_request(
+            config,
+            runtime.policy(config),
+            full_len,
+            kept_whole(runtime, req, config, copy),
+            slots,
+            runtime.num_layers,
+            runtime.num_kv_heads,
+            cached_len=req.kv.cache_protected_len,
+        )
+
+    c = plan(copy)
+    if c is None or not copy:
+        return c
+    c.copy_slots = radix_cache.alloc_copy(runtime.tree_cache, c.kept)
+    if c.copy_slots is not None:
+        return c
+    runtime.copy_fallbacks += 1
+    logger.info("bacon-sglang: no room for a compressed copy of %s: in place", req.rid)
+    c = plan(False)
+    if c is not None:
+        c.copy_fallback = True
+    return c
+
+
+def capped_prefix_match(result: int, req, input_len: int) -> int:
+    """AFTER ``Req._compute_max_prefix_len(self, input_len)``: a request that will be
+    compressed into a copy matches at most ``input_len - window`` tokens in the radix tree,
+    so that the queries of its whole observation window are computed in its prefill (a
+    second question about a cached image would otherwise prefill fewer than ``w`` tokens)."""
+    runtime = RUNTIME
+    if runtime is None:
+        return result
+    config = request_config(runtime, req)
+    if not copies_prompt(runtime, config):
+        return result
+    if not config.should_compress(input_len - kept_whole(runtime, req, config, True)):
+        return result
+    return max(0, min(result, input_len - config.window))
 
 
 def text_before_first_image(req, page_size: int) -> int:
@@ -217,15 +279,25 @@ def apply_plan(runtime: Runtime, batch, entries: list[PlanEntry]) -> None:
         if c is None:
             continue
         req = entry.req
-        free_from = -(-c.new_len // ps) * ps
-        if free_from < c.prompt_len:
-            runtime.tree_cache.free_kv_row(req.kv, [(free_from, c.prompt_len)])
-        if c.prefix_len > req.kv.cache_protected_len:  # --kv-text-prefix share
-            runtime.tree_cache.checkpoint(req, up_to=c.prefix_len)
+        if c.copy_slots is not None:
+            tree_tokens = radix_cache.publish_prompt(
+                runtime.tree_cache, req, c.prompt_len, c.prefix_len
+            )
+            radix_cache.point_row_at(
+                runtime.req_to_token_pool, req, c.prefix_len, c.copy_slots[: c.kept]
+            )
+            runtime.copies += 1
+        else:
+            free_from = -(-c.new_len // ps) * ps
+            if free_from < c.prompt_len:
+                runtime.tree_cache.free_kv_row(req.kv, [(free_from, c.prompt_len)])
+            if c.prefix_len > req.kv.cache_protected_len:  # --kv-text-prefix share
+                runtime.tree_cache.checkpoint(req, up_to=c.prefix_len)
+            tree_tokens = c.prefix_len
         req.kv.kv_allocated_len = c.new_len
         req.kv.kv_committed_len = c.new_len
         req.bacon_position_offset = c.evicted
-        stats = c.stats(ps)
+        stats = c.stats(ps, tree_tokens)
         if req.customized_info is None:
             req.customized_info = {}
         req.customized_info["kv_compression"] = [stats]
@@ -233,15 +305,15 @@ def apply_plan(runtime: Runtime, batch, entries: list[PlanEntry]) -> None:
         runtime.evicted_tokens += c.evicted
         runtime.freed_slots += stats["freed_slots"]
         if runtime.counters is not None:
-            runtime.counters.record(c.evicted, stats["freed_slots"])
+            runtime.counters.record(c.evicted, stats["freed_slots"], c.copy_fallback)
         new_lens[id(req)] = c.new_len
         if c.config.debug_dir:
             dump_keep_sets(c, req.rid)
         logger.info(
-            "bacon-sglang: compressed %s: policy=%s prompt=%d shared_prefix=%d kept=%d "
-            "evicted=%d freed_slots=%d",
-            req.rid, c.config.policy, c.prompt_len, c.prefix_len, c.new_len, c.evicted,
-            stats["freed_slots"],
+            "bacon-sglang: compressed %s: policy=%s prompt=%d cached=%d shared_prefix=%d "
+            "kept=%d evicted=%d freed_slots=%d kv=%s tree_tokens=%d",
+            req.rid, c.config.policy, c.prompt_len, c.cached_len, c.prefix_len, c.new_len,
+            c.evicted, stats["freed_slots"], stats["kv_source"], tree_tokens,
         )  # fmt: skip
     if not new_lens:
         return
@@ -269,6 +341,11 @@ def around_run_batch(original, scheduler, batch, *args, **kwargs):
     runtime.plan = entries
     try:
         result = original(scheduler, batch, *args, **kwargs)
+    except BaseException:
+        for entry in entries:  # the forward failed: copies were never filled nor pointed at
+            if entry.compression is not None and entry.compression.copy_slots is not None:
+                radix_cache.free_copy(runtime.tree_cache, entry.compression.copy_slots)
+        raise
     finally:
         runtime.plan = None
     apply_plan(runtime, batch, entries)
@@ -289,6 +366,8 @@ def kv_memory(scheduler) -> dict:
         "compressed_requests": runtime.compressed_requests if runtime else 0,
         "evicted_tokens": runtime.evicted_tokens if runtime else 0,
         "freed_slots": runtime.freed_slots if runtime else 0,
+        "copies": runtime.copies if runtime else 0,
+        "copy_fallbacks": runtime.copy_fallbacks if runtime else 0,
     }
 
 

@@ -24,6 +24,7 @@ import msgspec
 from bacon_sglang.config import (
     FLAGS,
     POLICY_NAMES,
+    PREFIX_CACHE_MODES,
     TEXT_PREFIX_MODES,
     CompressionConfig,
     ConfigError,
@@ -55,6 +56,8 @@ def add_kv_flags(result, parser: argparse.ArgumentParser):
             kwargs["metavar"] = "{" + ",".join(POLICY_NAMES) + "}"
         elif field == "text_prefix":
             kwargs["metavar"] = "{" + ",".join(TEXT_PREFIX_MODES) + "}"
+        elif field == "prefix_cache":
+            kwargs["metavar"] = "{" + ",".join(PREFIX_CACHE_MODES) + "}"
         elif field == "debug_dir":
             kwargs["metavar"] = "DIR"
         else:
@@ -63,7 +66,8 @@ def add_kv_flags(result, parser: argparse.ArgumentParser):
     return result
 
 
-STRING_FIELDS = ("policy", "budget", "text_prefix", "debug_dir")  # parsed by the config
+# parsed by the config
+STRING_FIELDS = ("policy", "budget", "text_prefix", "prefix_cache", "debug_dir")
 
 
 def config_from_namespace(args: argparse.Namespace) -> CompressionConfig:

@@ -2,9 +2,9 @@
 
 * ``TokenizerManager.generate_request`` (BEFORE): validates a request's per-request
   override, ``sampling_params.custom_params["kv_compression"]`` (a JSON object with any of
-  ``policy``, ``budget``, ``window``, ``pool_kernel``, ``min_prompt``), before it reaches
-  the scheduler. A malformed one raises ``ValueError``, which SGLang's HTTP server answers
-  with a 400 and ``sglang.Engine`` raises to the caller.
+  ``policy``, ``budget``, ``window``, ``pool_kernel``, ``min_prompt``, ``prefix_cache``),
+  before it reaches the scheduler. A malformed one raises ``ValueError``, which SGLang's HTTP
+  server answers with a 400 and ``sglang.Engine`` raises to the caller.
 * ``TokenizerManager.update_request_meta_info`` (AFTER): SGLang's customized-info channel
   accumulates values in a list; ``meta_info["kv_compression"]`` becomes the report itself.
 """

@@ -68,3 +68,36 @@ def kernel_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
     pytest.fail("Triton was imported before TRITON_INTERPRET=1 was set and there is no GPU")
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_path):
+    """The built-in tiny model's processor (tokenizer + image processor)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_path):
+    """The built-in tiny model in transformers (fp32, SDPA): the decode reference."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        tiny_model_path, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_eager(tiny_model_path):
+    """The same model with eager attention, whose attention weights the reference keep-sets
+    are recomputed from."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        tiny_model_path, dtype=torch.float32, attn_implementation="eager"
+    )
+    return model.eval()

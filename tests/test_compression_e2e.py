@@ -25,35 +25,6 @@ pytestmark = pytest.mark.engine
 MAX_NEW = 8
 
 
-@pytest.fixture(scope="module")
-def processor(tiny_model_path):
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(tiny_model_path)
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_model_path):
-    from transformers import Qwen2VLForConditionalGeneration
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
-        tiny_model_path, dtype=torch.float32, attn_implementation="sdpa"
-    )
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def hf_eager(tiny_model_path):
-    """The same model with eager attention, whose attention weights the reference keep-sets
-    are recomputed from."""
-    from transformers import Qwen2VLForConditionalGeneration
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
-        tiny_model_path, dtype=torch.float32, attn_implementation="eager"
-    )
-    return model.eval()
-
-
 def reference_keep_sets(hf_eager, processor, text: str, img, policy: str, record: dict):
     """The keep-sets the policy objects compute from transformers' attention weights."""
     inputs = processor(text=[text], images=[img], return_tensors="pt")
@@ -111,6 +82,41 @@ def served_tokens(reply: dict) -> tuple[list[int], list[float]]:
     return [int(p[1]) for p in pairs], [float(p[0]) for p in pairs]
 
 
+def assert_like_reference(
+    server, processor, hf_model, hf_eager, text: str, img, reply: dict, policy: str
+) -> dict:
+    """The reply's keep-sets equal the policy's on transformers' attention over the whole
+    unchunked prompt, and its first ``MAX_NEW`` greedy tokens (and logprobs) equal a
+    transformers decode from a KV cache reduced to them. Returns the keep-set record."""
+    record = torch.load(server.debug_dir / f"{reply['meta_info']['id']}.pt")
+    expected = reference_keep_sets(hf_eager, processor, text, img, policy, record)
+    assert torch.equal(record["keep"], expected)
+    tokens, logprobs = served_tokens(reply)
+    ref_tokens, ref_logprobs = reference_decode(hf_model, processor, text, img, record, MAX_NEW)
+    assert tokens[:MAX_NEW] == ref_tokens
+    torch.testing.assert_close(
+        torch.tensor(logprobs[:MAX_NEW]), torch.tensor(ref_logprobs), atol=2e-3, rtol=0
+    )
+    return record
+
+
+def image_prompt(question: str, system: str = "You are a helpful assistant.") -> str:
+    """A chat prompt: system text, one image, a question (Qwen2-VL's template)."""
+    return (
+        f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+        f"<|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def common_prefix(processor, img, *texts: str) -> int:
+    """Tokens the prompts ``texts`` about ``img`` have in common, from the start."""
+    ids = [processor(text=[t], images=[img])["input_ids"][0] for t in texts]
+    n = 0
+    while all(len(x) > n and x[n] == ids[0][n] for x in ids):
+        n += 1
+    return n
+
+
 SERVER_CONFIGS = {
     "page1-overlap": ["--kv-policy", "bacon", "--kv-budget", "64"],
     "page16-chunked-no-overlap": [
@@ -133,12 +139,17 @@ def server(request, tiny_model_path, tmp_path_factory):
     with running_server(tiny_model_path, args, env={**os.environ, **RETRACT_ENV}) as s:
         s.debug_dir = debug_dir
         s.config_name = request.param
+        s.page = 16 if "page16" in request.param else 1
         yield s
 
 
 # 296 and 286 prompt tokens: with 128-token chunks the second prompt's last chunk (30 tokens)
 # is shorter than the 32-token window, whose queries then straddle two chunks.
 QUESTIONS = ("Describe the picture in detail, row by row.", "Red?")
+
+
+def policy_of(server) -> str:
+    return "bacon" if server.config_name == "page1-overlap" else "snapkv"
 
 
 @pytest.mark.parametrize("question", QUESTIONS)
@@ -151,18 +162,56 @@ def test_compressed_decode_matches_reference(server, processor, hf_model, hf_eag
     assert report["budget"] == budget
     assert report["kept_tokens"] == report["shared_prefix_tokens"] + budget
     assert report["evicted_tokens"] == report["prompt_tokens"] - report["kept_tokens"]
-    record = torch.load(server.debug_dir / f"{reply['meta_info']['id']}.pt")
-    assert record["keep"].shape[-1] == budget
-    policy = "bacon" if server.config_name == "page1-overlap" else "snapkv"
-    expected = reference_keep_sets(hf_eager, processor, text, img, policy, record)
-    assert torch.equal(record["keep"], expected)
-    tokens, logprobs = served_tokens(reply)
-    ref_tokens, ref_logprobs = reference_decode(hf_model, processor, text, img, record, MAX_NEW)
-    assert tokens == ref_tokens
-    torch.testing.assert_close(
-        torch.tensor(logprobs), torch.tensor(ref_logprobs), atol=2e-3, rtol=0
+    record = assert_like_reference(
+        server, processor, hf_model, hf_eager, text, img, reply, policy_of(server)
     )
+    assert record["keep"].shape[-1] == budget
     assert_integrity(server.base_url)
+
+
+def test_follow_up_question_hits_the_full_prompt(server, processor, hf_model, hf_eager):
+    """``--kv-prefix-cache full`` (the default): the first question's whole prompt stays in
+    the radix tree with its full KV; a second question about the same image matches all of
+    it but its observation window (whose queries its prefill must compute), scores its
+    window over exact full keys and compresses its whole prompt into its own copy: keep-sets
+    and decode equal the reference. (Asked while the first decodes:
+    ``tests/test_prefix_cache_e2e.py``.)"""
+    from PIL import Image
+
+    img = demo_image().transpose(Image.ROTATE_90)
+    first_text, second_text = image_prompt("Which shape is red?"), image_prompt("And blue?")
+    first = generate(server.base_url, first_text, img)
+    second = generate(server.base_url, second_text, img)
+    share = "share" in SERVER_CONFIGS[server.config_name]
+    assert_follow_up_hit(processor, first, second, first_text, second_text, img, server.page, share)
+    for reply, text in ((first, first_text), (second, second_text)):
+        assert_like_reference(
+            server, processor, hf_model, hf_eager, text, img, reply, policy_of(server)
+        )
+    assert_integrity(server.base_url)
+
+
+def assert_follow_up_hit(
+    processor, first, second, first_text, second_text, img, page, text_shared=False
+) -> None:
+    """Both replies were compressed into copies, each leaving its prompt in the tree, and
+    the second matched the first's prompt but for its own observation window; only the
+    text before the image is kept whole, with ``--kv-text-prefix share`` (``text_shared``)."""
+    prompt = second["meta_info"]["prompt_tokens"]
+    window = 32
+    matched = min(common_prefix(processor, img, first_text, second_text), prompt - window)
+    assert second["meta_info"]["cached_tokens"] == matched // page * page
+    ids = processor(text=[second_text], images=[img])["input_ids"][0]
+    image_end = ids.index(processor.tokenizer.convert_tokens_to_ids("<|vision_end|>"))
+    assert matched >= image_end - window  # system text and image cached, but the window
+    image_start = ids.index(processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+    kept_whole = image_start // page * page if text_shared else 0
+    for reply in (first, second):
+        report = reply["meta_info"]["kv_compression"]
+        assert report["kv_source"] == "copy" and not report["copy_fallback"]
+        assert report["cached_tokens"] == reply["meta_info"]["cached_tokens"]
+        assert report["tree_tokens"] == report["prompt_tokens"] // page * page
+        assert report["shared_prefix_tokens"] == kept_whole  # the rest is all compressed
 
 
 def test_uncompressed_when_budget_exceeds_prompt(server, processor, hf_model):
@@ -199,7 +248,7 @@ def test_memory_is_freed_while_decoding(server, processor):
     report = result["meta_info"]["kv_compression"]
     after = assert_integrity(server.base_url)
     assert after["freed_slots"] - before["freed_slots"] == report["freed_slots"]
-    page = 16 if "page16" in server.config_name else 1
+    page = server.page
     kept_slots = -(-report["kept_tokens"] // page) * page  # whole pages
     assert report["freed_slots"] == report["prompt_tokens"] - kept_slots > 0
     in_use = [n for n in samples if n > 0]
@@ -246,27 +295,30 @@ def test_concurrent_mixed_requests_retraction_and_abort_leak_nothing(server, pro
     assert_integrity(server.base_url)
 
 
-def test_radix_prefix_is_shared_and_compressed_kv_never_matched(
+def test_in_place_mode_shares_the_matched_prefix_and_never_inserts(
     server, processor, hf_model, hf_eager
 ):
-    """An uncompressed request (per-request override: none) puts its prompt in the radix
-    tree; longer compressed requests starting with it reuse it as their shared prefix and
-    compress only the rest; compressed KV is never inserted, so identical compressed
-    requests match the same prefix and decode identically, and exactly as a reference
-    without any cache that keeps the same prefix whole and the same keep-sets."""
+    """``prefix_cache: shared`` (compaction in place): an uncompressed request (per-request
+    override: none) puts its prompt in the radix tree; longer compressed requests starting
+    with it reuse it as their shared prefix and compress only the rest; compressed KV is
+    never inserted, so identical compressed requests match the same prefix and decode
+    identically, and exactly as a reference without any cache that keeps the same prefix
+    whole and the same keep-sets."""
     img = demo_image()
     head = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Look at the grid."
     tail = " Now describe every row of the grid, one by one, and name each shape." * 6
     plain = generate(server.base_url, head, img, override={"policy": "none"})
     assert "kv_compression" not in plain["meta_info"]
-    second = generate(server.base_url, head + tail, img)
-    third = generate(server.base_url, head + tail, img)
+    in_place = {"prefix_cache": "shared"}
+    second = generate(server.base_url, head + tail, img, override=in_place)
+    third = generate(server.base_url, head + tail, img, override=in_place)
     for reply in (second, third):
         report = reply["meta_info"]["kv_compression"]
         cached = reply["meta_info"]["cached_tokens"]
         assert 0 < cached <= plain["meta_info"]["prompt_tokens"]
         assert report["shared_prefix_tokens"] == cached
         assert report["kept_tokens"] == cached + report["budget"]
+        assert report["kv_source"] == "in_place" and report["tree_tokens"] == cached
     assert served_tokens(second) == served_tokens(third)
     record = torch.load(server.debug_dir / f"{second['meta_info']['id']}.pt")
     assert record["prefix_len"] == second["meta_info"]["cached_tokens"]
@@ -281,39 +333,45 @@ def test_radix_prefix_is_shared_and_compressed_kv_never_matched(
     torch.testing.assert_close(
         torch.tensor(logprobs), torch.tensor(ref_logprobs), atol=2e-3, rtol=0
     )
-    fourth = generate(server.base_url, head + tail + " More.", img)
+    fourth = generate(server.base_url, head + tail + " More.", img, override=in_place)
     assert fourth["meta_info"]["cached_tokens"] == second["meta_info"]["cached_tokens"]
     assert_integrity(server.base_url)
 
 
-def test_text_before_the_first_image_is_shared_or_compressed(server, processor, hf_model, hf_eager):
+@pytest.mark.parametrize("mode", ["shared", "full"])
+def test_text_before_the_first_image_is_shared_or_compressed(
+    server, processor, hf_model, hf_eager, mode
+):
     """With ``--kv-text-prefix share`` (the page-16 server) a long system text before the
     image is kept whole and enters the radix tree, so a later request with the same text and
     another image reuses its KV; by default (the page-1 server) it is compressed like the
-    rest and nothing of a compressed request is ever matched."""
+    rest. In place (``shared``), nothing else of a compressed request is ever matched; with
+    a copy (``full``), the first request's whole prompt is in the tree, and the second,
+    another image behind the same text, matches exactly the text (never the other image)."""
     from PIL import Image
 
-    system = "You are a careful assistant who reads grids of coloured shapes. " * 8
+    system = f"You are a careful assistant who reads grids of coloured shapes ({mode}). " * 8
     share = "share" in SERVER_CONFIGS[server.config_name]
+    page = server.page
     replies = []
     for question, img in (
         ("Describe the picture.", demo_image()),
         ("Which shapes are red?", demo_image().transpose(Image.FLIP_LEFT_RIGHT)),
     ):
-        text = (
-            f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<|vision_start|>"
-            f"<|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
-        )
-        reply = generate(server.base_url, text, img)
+        text = image_prompt(question, system)
+        reply = generate(server.base_url, text, img, override={"prefix_cache": mode})
         replies.append(reply)
         ids = processor(text=[text], images=[img], return_tensors="pt")["input_ids"][0].tolist()
         text_len = ids.index(processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
-        shared = text_len // 16 * 16 if share else 0
+        shared = text_len // page * page if share else 0
         report = reply["meta_info"]["kv_compression"]
-        # earlier tests' uncompressed prompts in the tree may match a few first tokens
-        shared = max(shared, reply["meta_info"]["cached_tokens"])
+        assert report["cached_tokens"] == reply["meta_info"]["cached_tokens"]
+        if mode == "shared":
+            # earlier tests' uncompressed prompts in the tree may match a few first tokens
+            shared = max(shared, reply["meta_info"]["cached_tokens"])
         assert report["shared_prefix_tokens"] == shared
         assert report["kept_tokens"] == shared + report["budget"]
+        assert report["kv_source"] == ("copy" if mode == "full" else "in_place")
         record = torch.load(server.debug_dir / f"{reply['meta_info']['id']}.pt")
         policy = "bacon" if server.config_name == "page1-overlap" else "snapkv"
         expected = reference_keep_sets(hf_eager, processor, text, img, policy, record)
@@ -321,7 +379,9 @@ def test_text_before_the_first_image_is_shared_or_compressed(server, processor, 
         ref_tokens, _ = reference_decode(hf_model, processor, text, img, record, MAX_NEW)
         assert served_tokens(reply)[0] == ref_tokens
     first, second = (r["meta_info"]["cached_tokens"] for r in replies)
-    if share:
+    if mode == "full":
+        assert second == text_len // page * page > 100 > first
+    elif share:
         assert second == shared > 100 > first
     else:
         assert second == first < 16  # the first request's KV never entered the tree
@@ -374,30 +434,42 @@ def test_prometheus_counters_match_the_pool_accounting(server, processor):
     assert values["sglang:bacon_compressed_requests_total"] == mem["compressed_requests"] > 0
     assert values["sglang:bacon_evicted_tokens_total"] == mem["evicted_tokens"]
     assert values["sglang:bacon_freed_slots_total"] == mem["freed_slots"]
+    assert values.get("sglang:bacon_copy_fallbacks_total", 0.0) == mem["copy_fallbacks"]
 
 
-def test_frontend_program_multi_turn(server, tmp_path):
-    """An SGLang frontend program (sgl.image + sgl.gen, two turns) against the compressing
-    server: both turns are answered and report their compression."""
+def test_frontend_program_three_turn_chat_hits_the_cache(server, tmp_path):
+    """An SGLang frontend program (sgl.image + sgl.gen, three turns about one image)
+    against the compressing server: every turn is answered and compressed, and turns 2 and 3
+    match the previous turn's whole prompt in the radix cache (``--kv-prefix-cache full``;
+    the previous answers were decoded from compressed KV, so they are not cached)."""
     import sglang as sgl
 
     @sgl.function
-    def describe(s, image_path):
+    def chat(s, image_path):
+        s += sgl.system("You answer questions about grids of shapes.")
         s += sgl.user(sgl.image(image_path) + "What is in row 3?")
-        s += sgl.assistant(sgl.gen("first", max_tokens=6, temperature=0))
+        s += sgl.assistant(sgl.gen("turn1", max_tokens=24, temperature=0, ignore_eos=True))
         s += sgl.user("And in row 4?")
-        s += sgl.assistant(sgl.gen("second", max_tokens=6, temperature=0))
+        s += sgl.assistant(sgl.gen("turn2", max_tokens=24, temperature=0, ignore_eos=True))
+        s += sgl.user("And in row 5?")
+        s += sgl.assistant(sgl.gen("turn3", max_tokens=24, temperature=0, ignore_eos=True))
+
+    from PIL import Image
 
     path = tmp_path / "grid.png"
-    demo_image().save(path)
-    state = describe.run(image_path=str(path), backend=sgl.RuntimeEndpoint(server.base_url))
-    first, second = state.get_meta_info("first"), state.get_meta_info("second")
-    assert state["first"] and state["second"]
-    assert first["completion_tokens"] == 6 and second["completion_tokens"] == 6
-    assert second["prompt_tokens"] > first["prompt_tokens"]
-    for meta in (first, second):
+    demo_image().transpose(Image.TRANSPOSE).save(path)
+    state = chat.run(image_path=str(path), backend=sgl.RuntimeEndpoint(server.base_url))
+    metas = [state.get_meta_info(f"turn{k}") for k in (1, 2, 3)]
+    page = server.page
+    for k, meta in enumerate(metas):
+        assert state[f"turn{k + 1}"] and meta["completion_tokens"] == 24
         report = meta["kv_compression"]
         assert report["kept_tokens"] == report["shared_prefix_tokens"] + report["budget"]
+        assert report["kv_source"] == "copy"
+        if k:
+            previous = metas[k - 1]["prompt_tokens"]
+            assert meta["prompt_tokens"] > previous
+            assert meta["cached_tokens"] >= previous // page * page
     assert_integrity(server.base_url)
 
 

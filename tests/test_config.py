@@ -25,6 +25,7 @@ def test_defaults():
         ({"pool_kernel": 4}, "--kv-pool-kernel"),
         ({"pool_kernel": -1}, "--kv-pool-kernel"),
         ({"min_prompt": 0}, "--kv-min-prompt"),
+        ({"prefix_cache": "all"}, "--kv-prefix-cache"),
     ],
 )
 def test_bad_values_name_the_flag(kwargs, flag):
@@ -58,6 +59,8 @@ def test_overrides():
     base = CompressionConfig(policy="bacon", budget=64)
     assert base.with_overrides({"kv_budget": 128}) == CompressionConfig(policy="bacon", budget=128)
     assert base.with_overrides({"policy": "none"}).policy == "none"
+    assert base.prefix_cache == "full"
+    assert base.with_overrides({"prefix_cache": "shared"}).prefix_cache == "shared"
     with pytest.raises(ConfigError, match="unknown key"):
         base.with_overrides({"kv_bugdet": 1})
     with pytest.raises(ConfigError, match="--kv-budget"):

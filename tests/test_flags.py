@@ -14,7 +14,7 @@ from bacon_sglang.cpu_shim import cpu_engine_env
 
 FLAGS = (
     "--kv-policy", "--kv-budget", "--kv-window", "--kv-pool-kernel", "--kv-min-prompt",
-    "--kv-text-prefix",
+    "--kv-text-prefix", "--kv-prefix-cache",
 )  # fmt: skip
 
 
@@ -34,6 +34,7 @@ def test_help_lists_the_flags(sglang_hooks):
         assert flag in text
     assert "{none,snapkv,bacon}" in text
     assert "{compress,share}" in text
+    assert "{full,shared}" in text
 
 
 def test_defaults_mean_no_compression(sglang_hooks):
@@ -47,9 +48,9 @@ def test_values_parse_and_survive_pickling(sglang_hooks):
 
     args = parse(
         "--kv-policy", "bacon", "--kv-budget", "128", "--kv-window", "16",
-        "--kv-pool-kernel", "7", "--kv-min-prompt", "300",
+        "--kv-pool-kernel", "7", "--kv-min-prompt", "300", "--kv-prefix-cache", "shared",
     )  # fmt: skip
-    expected = CompressionConfig("bacon", 128, 16, 7, 300)
+    expected = CompressionConfig("bacon", 128, 16, 7, 300, prefix_cache="shared")
     assert config_of(args) == expected
     # Subprocesses receive a pickled copy of ServerArgs (spawn start method).
     assert config_of(pickle.loads(pickle.dumps(args))) == expected
@@ -66,6 +67,7 @@ def test_values_parse_and_survive_pickling(sglang_hooks):
         (("--kv-pool-kernel", "4"), "error: --kv-pool-kernel: must be odd"),
         (("--kv-min-prompt", "x"), "error: --kv-min-prompt: expected an integer"),
         (("--kv-text-prefix", "keep"), "error: --kv-text-prefix: expected one of compress, share"),
+        (("--kv-prefix-cache", "all"), "error: --kv-prefix-cache: expected one of full, shared"),
     ],
 )
 def test_bad_values_stop_parsing_with_one_line(sglang_hooks, capsys, flags, message):
