@@ -139,3 +139,21 @@ def test_scheduler_refusal_lists_the_graph_option(sglang_hooks, parse):
     fake.tree_cache = tree_cache
     kv_pool = object.__new__(MHATokenToKVPool)
     assert unsupported(fake, kv_pool) == [cuda_graph.PREFILL_FULL_GRAPH]
+
+
+def test_execution_paths_name_the_real_backend_and_graph_runners(sglang_hooks, parse):
+    """What ``/server_info`` reports: the prefill backend of a hybrid backend, and no graph
+    runner where SGLang routes a phase to its eager runner."""
+    eager, graph = object(), SimpleNamespace()
+    hybrid = backend_of("hybrid_attn_backend", "HybridAttnBackend")
+    hybrid.prefill_backend = backend_of("triton_backend", "TritonAttnBackend")
+    fake = scheduler(parse("--cuda-graph-backend-prefill", "breakable"), hybrid)
+    runner = fake.tp_worker.model_runner
+    runner.eager_runner, runner.decode_cuda_graph_runner = eager, graph
+    runner.prefill_cuda_graph_runner = eager
+    assert cuda_graph.execution_paths(fake) == {
+        "attention_backend": "TritonAttnBackend",
+        "decode_graph_runner": "SimpleNamespace",
+        "prefill_graph_runner": None,
+        "prefill_graph_backend": "breakable",
+    }
