@@ -80,8 +80,10 @@ def refused_execution_paths(scheduler) -> list[str]:
 def execution_paths(scheduler) -> dict:
     """What ``scheduler``'s model runner really runs: the attention backend class (the
     prefill one for a hybrid backend), the decode graph runner and prefill graph runner
-    classes (None when eager)."""
-    model_runner = scheduler.tp_worker.model_runner
+    classes (None when eager); empty for a worker without a model runner."""
+    model_runner = getattr(getattr(scheduler, "tp_worker", None), "model_runner", None)
+    if model_runner is None:
+        return {}
     backend = model_runner.attn_backend
     prefill_backend = getattr(backend, "prefill_backend", backend)
     decode = getattr(model_runner, "decode_cuda_graph_runner", None)

@@ -103,6 +103,8 @@ def test_server_runs_the_backend(server):
     assert execution["attention_backend"] == BACKEND_CLASSES[server.config.backend]
     if cpu_engine():
         assert execution["decode_graph_runner"] is None
+        # SGLang's resolution, read in the scheduler as the launch-time refusal reads it.
+        assert execution["prefill_graph_backend"] == "disabled"
     else:
         assert execution["decode_graph_runner"] is not None
     if "breakable" in server.config.extra:
