@@ -11,6 +11,7 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from bacon_sglang.patches import (
     attention,
+    cuda_graph,
     entrypoints,
     forward_batch,
     output_streamer,
@@ -29,6 +30,7 @@ MODULES = (
     forward_batch,
     schedule_batch,
     output_streamer,
+    cuda_graph,
 )
 
 

@@ -94,6 +94,8 @@ def unsupported(scheduler, kv_pool) -> list[str]:
     """What compression cannot handle yet in this scheduler (empty when all is fine)."""
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
+    from bacon_sglang.patches.cuda_graph import refused_execution_paths
+
     problems = []
     spec = getattr(scheduler, "spec_algorithm", None)
     if spec is not None and not spec.is_none():
@@ -116,6 +118,7 @@ def unsupported(scheduler, kv_pool) -> list[str]:
         problems.append("hybrid sliding-window / mamba models")
     if type(kv_pool) is not MHATokenToKVPool:
         problems.append(f"KV pool {type(kv_pool).__name__} (only MHATokenToKVPool)")
+    problems += refused_execution_paths(scheduler)  # graphs, attention backend
     return problems
 
 
