@@ -14,7 +14,11 @@ Per configuration and workload: TTFT (p50, p99) of first questions and of follow
 (questions 2+, turns 2+), the prompt tokens actually prefilled (prompt - cached), and the KV
 slots held per running request (``total - available - evictable`` over the running requests,
 averaged over samples taken every 50 ms while requests run); then the capacity run of
-``benchmarks/serving.py`` (a burst of one-image requests into the fixed pool). Writes
+``benchmarks/serving.py`` (a burst of one-image requests into the fixed pool). On the
+``bacon-full`` server, also a paired run (``--paired`` images, one at a time): a question and
+a follow-up about each image, alternately compressed and not (per-request override
+``{"policy": "none"}``) on the same server, so the follow-up TTFT ratio is immune to drift in
+the machine's load between servers. Writes
 ``prefix_reuse.json``, ``prefix_reuse.md`` and ``prefix_reuse.png`` under
 ``benchmarks/results/<date>-<device>/``. On this 2-core CPU with the built-in tiny model it
 takes about 15 minutes:
@@ -147,6 +151,38 @@ def summary(config: str, kind: str, rows: list, sampler: Sampler) -> dict:
     }
 
 
+def paired_follow_ups(base_url: str, processor, args) -> list[dict]:
+    """Per policy (bacon, then none on the same server, alternating, each with images of its
+    own): the follow-up TTFT p50 and the tokens it prefilled; the first ``2`` rounds warm up."""
+    first, follow = (messages_prompt(processor, [q], []) for q in QUESTIONS[:2])
+    runs: dict[str, list] = {"bacon": [], "none": []}
+    for i in range(args.paired + 2):
+        for k, policy in enumerate(runs):
+            url = image_data_url(grid_image(args.image_size, 3000 + 2 * i + k))
+            override = {"custom_params": {"kv_compression": {"policy": policy}}}
+            with requests.Session() as session:
+                for prompt in (first, follow):
+                    probe = body(prompt, url, 4)
+                    probe["sampling_params"].update(override)
+                    result = send(session, base_url, probe)
+            if i >= 2 and result.error is None:
+                runs[policy].append(result)
+    rows = []
+    for policy, results in runs.items():
+        rows.append({
+            "policy": policy,
+            "follow_ups": len(results),
+            "ttft_follow_p50_ms": report.pct([r.ttft for r in results], 50),
+            "prefilled_mean": float(np.mean(
+                [r.meta["prompt_tokens"] - r.meta["cached_tokens"] for r in results]
+            )),
+        })  # fmt: skip
+    base = rows[1]["ttft_follow_p50_ms"]
+    for row in rows:
+        row["vs_none"] = row["ttft_follow_p50_ms"] / base if base else None
+    return rows
+
+
 def run_config(config: str, args, model_path: str, processor) -> dict:
     """Start one configuration's server and run both workloads and the capacity burst."""
     server_args = CONFIGS[config] + [
@@ -181,9 +217,14 @@ def run_config(config: str, args, model_path: str, processor) -> dict:
             )
             cap, _ = serving.capacity(url, config, workload, args, pool, burst)
             print(f"   capacity: {cap['max_running']} decoding at once", flush=True)
+        paired = []
+        if config == "bacon-full" and args.paired:
+            serving.flush_cache(url)
+            paired = paired_follow_ups(url, processor, args)
+            print(report.markdown(paired, PAIRED_COLUMNS), flush=True)
         idle = serving.wait_idle(url)
     return {"config": config, "server_args": server_args, "rows": table, "capacity": cap,
-            "idle_kv": idle}  # fmt: skip
+            "paired": paired, "idle_kv": idle}  # fmt: skip
 
 
 COLUMNS = [
@@ -206,6 +247,14 @@ CAPACITY_COLUMNS = [
     ("max_running", "decoding at once", "{}"),
     ("vs_shared", "vs bacon-shared", "{:.2f}"),
     ("retractions", "retractions", "{}"),
+]
+
+PAIRED_COLUMNS = [
+    ("policy", "policy (bacon-full server)", "{}"),
+    ("follow_ups", "follow-ups", "{}"),
+    ("ttft_follow_p50_ms", "TTFT follow-up p50 ms", "{:.0f}"),
+    ("vs_none", "vs none", "{:.2f}"),
+    ("prefilled_mean", "prefilled per follow-up", "{:.0f}"),
 ]
 
 
@@ -233,6 +282,10 @@ def tables(result: dict) -> str:
     if caps:
         text += "\n\n### Capacity (burst into the fixed pool)\n\n"
         text += report.markdown(caps, CAPACITY_COLUMNS)
+    paired = [row for run in result["runs"] for row in run.get("paired", [])]
+    if paired:
+        text += "\n\n### Follow-up TTFT, paired on one server (one request at a time)\n\n"
+        text += report.markdown(paired, PAIRED_COLUMNS)
     return text
 
 
@@ -280,6 +333,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=448)
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--capacity-output-tokens", type=int, default=128, help="0: skip")
+    parser.add_argument("--paired", type=int, default=12, help="paired images (0: skip)")
     parser.add_argument("--max-total-tokens", type=int, default=8192)
     parser.add_argument("--server-args", default="--prefill-max-requests 4")
     parser.add_argument("--server-threads", type=int, default=1)
