@@ -1,5 +1,5 @@
 """The README's demo: a compressing SGLang server on the shipped tiny model answers one visual
-question and reports what it compressed; on CPU (2 cores) 1-4 minutes, depending on the load,
+question and reports what it compressed; on CPU (2 cores) 1-5 minutes, depending on the load,
 nearly all of it SGLang's start-up.
 
     python -m bacon_sglang.demo [--policy bacon] [--budget 64] [--index N] [--model-path DIR]

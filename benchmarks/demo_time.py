@@ -1,5 +1,5 @@
 """Wall time of the README's demo (``python -m bacon_sglang.demo``) as a new user meets it, and of
-its one answer; on CPU (2 cores) one to three minutes per run, depending on the machine's load.
+its one answer; on CPU (2 cores) one to five minutes per run, depending on the machine's load.
 
     python benchmarks/demo_time.py --runs 2                          # -> results/<date>-<dev>/
     python benchmarks/demo_time.py --runs 2 --also TORCHDYNAMO_DISABLE=0   # and the old setup
