@@ -193,12 +193,12 @@ def demo_timing() -> str:
     """The README's sentence on how long the demo takes (from the newest demo_time.json)."""
     record = json.loads(serving.latest_result("demo_time.json").read_text())
     now = demo_time.medians(record)
+    runs = f"median of {now['runs']} runs" if now["runs"] > 1 else "1 run"
     text = (
         "Measured on a shared 2-core machine while other jobs kept its load near "
         f"{now['load']:.0f}, the demo took {now['wall_s']:.0f} s, its answer "
-        f"{now['answer_s']:.1f} s of it (median of {now['runs']} runs, each from an empty "
-        "compile cache); nearly all the rest is SGLang's start-up, three processes importing "
-        "torch, transformers and SGLang"
+        f"{now['answer_s']:.1f} s of it ({runs}, from an empty compile cache); nearly all the "
+        "rest is SGLang's start-up, three processes importing torch, transformers and SGLang"
     )
     old = [r["env"] for r in record["runs"] if r["env"]]
     if old:
