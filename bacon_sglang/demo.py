@@ -1,4 +1,6 @@
-"""The main job on an embedded default: a compressing SGLang server, one real question, a report.
+"""The README's demo: a compressing SGLang server on the shipped tiny model answers one visual
+question and reports what it compressed; on CPU (2 cores) 1-5 minutes, depending on the load,
+nearly all of it SGLang's start-up.
 
     python -m bacon_sglang.demo [--policy bacon] [--budget 64] [--index N] [--model-path DIR]
 
@@ -111,7 +113,7 @@ def report(reply: dict, policy: str, budget: str, seconds: float, before: dict, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", default="bacon", help="--kv-policy of the server")
     parser.add_argument("--budget", default="64", help="--kv-budget of the server")
     parser.add_argument(

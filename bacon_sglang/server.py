@@ -133,7 +133,7 @@ def launch_server(
         with contextlib.suppress(requests.RequestException):
             if requests.get(server.base_url + "/health", timeout=5).status_code == 200:
                 return server
-        time.sleep(1.0)
+        time.sleep(0.25)
     server.stop()
     raise RuntimeError(f"server not healthy after {startup_timeout}s:\n{server.log()[-4000:]}")
 

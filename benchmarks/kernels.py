@@ -1,4 +1,5 @@
-"""Time the paged-KV kernels (``bacon_sglang.kernels``) against their PyTorch references.
+"""Time the paged-KV Triton kernels (``bacon_sglang.kernels``) against their PyTorch references;
+on CPU (2 cores) only the references run, in about a minute.
 
 Shapes of Qwen2-VL-7B (28 query heads, 4 KV heads, head_dim 128, 28 layers, bf16), window 32,
 prompts of ``n`` tokens in batches of ``batch`` requests at non-contiguous slots. Per kernel
@@ -17,6 +18,7 @@ On CPU only the references run (Triton kernels need a GPU; the interpreter is fo
 
     python benchmarks/kernels.py                   # CPU: sizes up to --max-tokens
     python benchmarks/kernels.py --n 1024 --batch 1 8
+    python benchmarks/kernels.py --report-only     # kernels_<device>.md again from the JSON
 """
 
 from __future__ import annotations
@@ -169,6 +171,36 @@ def format_row(row: dict) -> str:
     )
 
 
+MARKDOWN_COLUMNS = [  # name, header, format
+    ("kernel", "kernel", "{}"),
+    ("n", "n", "{}"),
+    ("batch", "batch", "{}"),
+    ("torch_ms", "reference ms", "{:.2f}"),
+    ("torch_gbps", "reference GB/s", "{:.2f}"),
+    ("triton_ms", "Triton ms", "{:.3f}"),
+    ("triton_gbps", "Triton GB/s", "{:.1f}"),
+    ("copy_ms", "copy ms", "{:.3f}"),
+    ("ratio", "speed-up", "{:.2f}"),
+]
+
+
+def render(report: dict) -> str:
+    """The markdown table of a run's JSON record (``-``: not run on this device)."""
+    lines = [
+        f"{report['device']}, torch {report['torch']}; shape: {report['shape']}",
+        "",
+        "| " + " | ".join(h for _, h, _ in MARKDOWN_COLUMNS) + " |",
+        "|" + "---|" * len(MARKDOWN_COLUMNS),
+    ]
+    for row in report["rows"]:
+        cells = [
+            "-" if row.get(name) is None else fmt.format(row[name])
+            for name, _, fmt in MARKDOWN_COLUMNS
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -190,8 +222,17 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (CPU 5, GPU 20)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="no run: rewrite the .md next to --json (default kernels_<device>.json) from it",
+    )
     args = parser.parse_args()
     cpu = args.device == "cpu"
+    path = args.json or RESULTS / f"kernels_{'cpu' if cpu else 'gpu'}.json"
+    if args.report_only:
+        write_report(json.loads(path.read_text()), path)
+        return
     args.max_tokens = args.max_tokens or (65536 if cpu else 1 << 30)
     args.max_pool_gb = args.max_pool_gb or (1.0 if cpu else 40.0)
     args.repeats = args.repeats or (5 if cpu else 20)
@@ -214,10 +255,17 @@ def main() -> None:
         ),
         "rows": rows,
     }
-    path = args.json or RESULTS / f"kernels_{'cpu' if cpu else 'gpu'}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{device}; ratio = torch / triton time (compact: copy / triton); wrote {path}")
+    write_report(report, path)
+
+
+def write_report(report: dict, json_path: Path) -> None:
+    """The markdown table next to the JSON (same stem, ``.md``); printed too."""
+    markdown = render(report)
+    json_path.with_suffix(".md").write_text(markdown + "\n")
+    print(markdown)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Serving benchmark: full KV cache vs SnapKV vs BACON on the same SGLang server build.
+"""Serving benchmark, full KV cache vs SnapKV vs BACON on one SGLang build: throughput, latency,
+KV slots, capacity, prefill and decode cost; on CPU (2 cores) about 10 minutes.
 
 One SGLang HTTP server per ``--kv-policy`` (same model, same ``--max-total-tokens``, same
 flags otherwise, ``--enable-metrics``), driven with multimodal requests: a chat prompt with
@@ -27,6 +28,7 @@ built-in tiny Qwen2-VL (28 x 28 px per image token: 448 px = 256 tokens) in a fe
     python benchmarks/serving.py                    # CPU defaults
     python benchmarks/serving.py --smoke            # smallest size (the test)
     python benchmarks/serving.py --model-path Qwen/Qwen2-VL-7B-Instruct   # GPU
+    python benchmarks/serving.py --report-only      # serving.md and plots again from the JSON
 """
 
 from __future__ import annotations
@@ -269,6 +271,14 @@ def results_dir(info: dict) -> Path:
     return RESULTS / f"{datetime.date.today().isoformat()}-{slug}"
 
 
+def latest_result(name: str) -> Path:
+    """The newest ``benchmarks/results/<date>-<device>/<name>`` (folder names sort by date)."""
+    found = sorted(RESULTS.glob(f"*/{name}"), key=lambda p: p.parent.name)
+    if not found:
+        raise FileNotFoundError(f"no {RESULTS}/*/{name}: run the benchmark first")
+    return found[-1]
+
+
 def tables(result: dict) -> str:
     """The five markdown tables of a run."""
     sections = [
@@ -288,6 +298,11 @@ def write(result: dict, out: Path, stem: str) -> None:
     """``<stem>.json``, ``<stem>.md`` and the two plots under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_report(result, out, stem)
+
+
+def write_report(result: dict, out: Path, stem: str = "serving") -> None:
+    """``<stem>.md`` and the two plots under ``out``, from the run's JSON record."""
     (out / f"{stem}.md").write_text(tables(result) + "\n")
     report.plot_throughput(result["sweep"], out / f"{stem}_throughput.png")
     timelines = {p["policy"]: p["burst_timeline"] for p in result["policies"]}
@@ -320,6 +335,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--question", default="Which colour is the shape in row 3, column 5?")
     parser.add_argument("--smoke", action="store_true", help="smallest size (the test)")
     parser.add_argument("--out", type=Path, help="results folder (default: dated)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="no run: rewrite serving.md and plots from serving.json in --out (default: newest)",
+    )
     args = parser.parse_args(argv)
     gpu = not cpu_engine()
     for name, values in DEFAULTS.items():
@@ -333,6 +353,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report_only:
+        path = args.out / "serving.json" if args.out else latest_result("serving.json")
+        result = json.loads(path.read_text())
+        write_report(result, path.parent)
+        print(tables(result))
+        return 0
     start = time.perf_counter()
     model_path = args.model_path
     if model_path is None:

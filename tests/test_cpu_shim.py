@@ -78,3 +78,5 @@ def test_cpu_engine_env_prepends_shim_path():
     env = cpu_shim.cpu_engine_env({"PYTHONPATH": "/x"})
     assert env["SGLANG_USE_CPU_ENGINE"] == "1"
     assert env["PYTHONPATH"].split(":")[:2] == [str(cpu_shim.SHIM_DIR), "/x"]
+    assert env["TORCHDYNAMO_DISABLE"] == "1"  # no g++ compile on the first request
+    assert cpu_shim.cpu_engine_env({"TORCHDYNAMO_DISABLE": "0"})["TORCHDYNAMO_DISABLE"] == "0"

@@ -67,6 +67,10 @@ def cpu_engine_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a process that runs SGLang's engine on CPU with this shim."""
     env = dict(os.environ if base is None else base)
     env["SGLANG_USE_CPU_ENGINE"] = "1"
+    # SGLang wraps a few helpers in torch.compile (the vision rotary embedding among them):
+    # on CPU, TorchInductor compiles them to C++ with g++ on the first image request, 30-45 s
+    # on a fresh 2-core machine (cached afterwards) for no speed-up at these sizes. Eager.
+    env.setdefault("TORCHDYNAMO_DISABLE", "1")
     paths = [str(SHIM_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return env

@@ -1,0 +1,372 @@
+"""Results pages from the committed benchmark JSON, no benchmark run: benchmarks/results/README.md
+(every full table), each run's .md and the README's generated blocks; seconds on CPU.
+
+    python benchmarks/report.py            # rewrite them from benchmarks/results/**/*.json
+    python benchmarks/report.py --check    # exit 1 if one is not what the JSON gives (a test)
+
+Each table is rendered by the function of the benchmark script that wrote its JSON (the same
+one its ``--report-only`` option uses), so a table never drifts from its data. The newest
+``benchmarks/results/<date>-<device>/`` folder holding a benchmark's JSON is the one shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import accuracy
+import demo_time
+import evidence_retention
+import serving
+
+from bacon_sglang.models import vqa
+
+
+def _benchmark_module(name: str):
+    """``benchmarks/<name>.py`` loaded by path: ``kernels`` is also the name of the repository's
+    kernel package and of a package SGLang depends on."""
+    spec = importlib.util.spec_from_file_location(
+        f"benchmark_{name}", Path(__file__).resolve().parent / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+kernels = _benchmark_module("kernels")
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+RESULTS_README = RESULTS / "README.md"
+README = ROOT / "README.md"
+MARKERS = {  # README block: (first line, last line); the text between is written here
+    "summary": (
+        "<!-- results summary: written by benchmarks/report.py from the JSON -->",
+        "<!-- end of results summary -->",
+    ),
+    "demo": (
+        "<!-- demo timing: written by benchmarks/report.py from the JSON -->",
+        "<!-- end of demo timing -->",
+    ),
+    "demo output": (
+        "<!-- demo output: written by benchmarks/report.py from the JSON -->",
+        "<!-- end of demo output -->",
+    ),
+}
+POLICY_NAMES = {"none": "full cache", "snapkv": "SnapKV", "bacon": "BACON"}
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a markdown heading."""
+    slug = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return "#" + slug.replace(" ", "-")
+
+
+def rel(path: Path, start: Path = RESULTS) -> str:
+    return path.relative_to(start).as_posix()
+
+
+def files(data: Path, *plots: Path) -> str:
+    """``Data: [json](json), plots: [png](png)`` links, relative to the results page."""
+    text = f"Data: [{rel(data)}]({rel(data)})"
+    if plots:
+        text += ", plots: " + ", ".join(f"[{rel(p)}]({rel(p)})" for p in plots)
+    return text + "."
+
+
+def machine_line(info: dict) -> str:
+    device = info.get("gpu") or f"CPU only, {info['cpu']}, {info['cores']} cores"
+    return f"{device}, Python {info['python']}"
+
+
+def answers_by_kind(record: dict) -> str:
+    """Correct server answers per question kind (colour, shape) and config: which questions a
+    budget loses. The kinds come from rebuilding the test questions (a pure function of index)."""
+    kinds = [vqa.sample("test", record["start"] + i).kind for i in range(record["questions"])]
+    counts = {k: kinds.count(k) for k in dict.fromkeys(kinds)}
+    header = " | ".join(f"{k} ({n})" for k, n in counts.items())
+    lines = [f"| correct answers (server) | {header} |", "|---|" + "---|" * len(counts)]
+    for row in record["rows"]:
+        policy, budget = row["policy"], row["budget"]
+        hits = dict.fromkeys(counts, 0)
+        for i, kind in enumerate(kinds):
+            rid = accuracy.rid_of(policy, budget, i)
+            s = vqa.sample("test", record["start"] + i)
+            hits[kind] += vqa.exact_match(record["answers"][rid]["server"], s)
+        label = "full cache" if policy == "none" else f"{policy}, budget {budget}"
+        lines.append(f"| {label} | " + " | ".join(str(hits[k]) for k in counts) + " |")
+    return "\n".join(lines)
+
+
+def accuracy_section(path: Path) -> str:
+    record = json.loads(path.read_text())
+    return "\n\n".join(
+        [
+            "## Accuracy vs KV budget",
+            f"`python benchmarks/accuracy.py --n {record['questions']}`: the shipped tiny "
+            f"Qwen2-VL, test questions {record['start']}-"
+            f"{record['start'] + record['questions'] - 1}, {record['dtype']}, greedy; "
+            f"{machine_line(record['machine'])}; {record['seconds']['total']} s. "
+            + files(path, path.with_suffix(".png")),
+            accuracy.render(record),
+            answers_by_kind(record),
+            "The budget counts the 32-token observation window: budget 32 keeps no image token. "
+            "`offline` rows: transformers decoding from a KV cache reduced to the keep-sets the "
+            "server wrote; identical answers mean the differences are the policies', not the "
+            "integration's. One task, one tiny model: not a general ranking of the policies.",
+        ]
+    )
+
+
+def serving_section(path: Path) -> str:
+    result = json.loads(path.read_text())
+    config = result["config"]
+    stem = path.with_suffix("")
+    plots = [Path(f"{stem}_{name}.png") for name in ("throughput", "kv_slots")]
+    tables = serving.tables(result).replace("### ", "#### ")
+    return "\n\n".join(
+        [
+            "## Serving: throughput, latency, KV slots, capacity, prefill and decode cost",
+            "`python benchmarks/serving.py`: one server per policy "
+            f"({', '.join(config['policies'])}), "
+            f"`--kv-budget {config['budget']}`, pool {config['max_total_tokens']} slots, "
+            f"{config['image_size']} px images, {config['output_tokens']} output tokens "
+            f"(capacity burst: {config['capacity_output_tokens']}), server flags "
+            f"`{config['server_args']}`, {config['server_threads']} thread(s) per server; "
+            f"{machine_line(result['machine'])}; {result['seconds']:.0f} s. " + files(path, *plots),
+            tables,
+            "KV slots, capacity and retractions are exact counts; the timings come from a shared "
+            "2-core machine and vary by tens of percent between runs (a level where one policy "
+            "is far ahead of the others is usually such noise: compare its TTFT and queue "
+            "columns). `gain bound` is the pool arithmetic (`serving_report.pool_bound`), "
+            "`P/(B+S)` the rule of thumb that ignores the output tokens each request also holds.",
+        ]
+    )
+
+
+def evidence_section(path: Path) -> str:
+    report = json.loads(path.read_text())
+    scene = report["scene"]
+    return "\n\n".join(
+        [
+            "## Evidence retention on synthetic attention",
+            f"`python benchmarks/evidence_retention.py`: {len(report['seeds'])} seeds, a "
+            f"{scene['rows']}x{scene['cols']} image, {scene['num_layers']} layers, "
+            f"{scene['num_kv_heads']} KV heads, isolated high-attention spikes in the last "
+            "query; `K` = kept candidates per head, the window on top. "
+            + files(path, path.with_suffix(".png")),
+            evidence_retention.render(report),
+        ]
+    )
+
+
+def kernels_section(paths: list[Path]) -> str:
+    parts = [
+        "## Kernels",
+        "`python benchmarks/kernels.py`: each kernel against its PyTorch reference on "
+        "Qwen2-VL-7B's shapes; on CPU only the references run (Triton needs a GPU).",
+    ]
+    for path in paths:
+        parts += [files(path), kernels.render(json.loads(path.read_text()))]
+    return "\n\n".join(parts)
+
+
+def demo_section(path: Path) -> str:
+    record = json.loads(path.read_text())
+    return "\n\n".join(
+        [
+            "## Demo time",
+            f"`python benchmarks/demo_time.py`: `python {record['command']}` as a subprocess, "
+            "each run with an empty TorchInductor cache; `answer s` is the demo's one chat "
+            "request (the first the server sees). "
+            f"{machine_line(record['machine'])}. " + files(path),
+            demo_time.render(record),
+        ]
+    )
+
+
+def demo_timing() -> str:
+    """The README's sentence on how long the demo takes (from the newest demo_time.json)."""
+    record = json.loads(serving.latest_result("demo_time.json").read_text())
+    now = demo_time.medians(record)
+    runs = f"median of {now['runs']} runs" if now["runs"] > 1 else "1 run"
+    text = (
+        "Measured on a shared 2-core machine while other jobs kept its load near "
+        f"{now['load']:.0f}, the demo took {now['wall_s']:.0f} s, its answer "
+        f"{now['answer_s']:.1f} s of it ({runs}, from an empty compile cache); nearly all the "
+        "rest is SGLang's start-up, three processes importing torch, transformers and SGLang"
+    )
+    old = [r["env"] for r in record["runs"] if r["env"]]
+    if old:
+        then = demo_time.medians(record, old[0])
+        setting = " ".join(f"{k}={v}" for k, v in old[0].items())
+        text += (
+            f". With `{setting}` (SGLang's `torch.compile`d helpers built with g++ on the "
+            f"first request, as before) {then['wall_s']:.0f} s and {then['answer_s']:.1f} s"
+        )
+    return text + f" ([runs]({'benchmarks/results/README.md' + anchor('Demo time')}))."
+
+
+def demo_output() -> str:
+    """What the demo printed in the newest default run, as a code block (the model path
+    shortened: it names the machine's checkout)."""
+    record = json.loads(serving.latest_result("demo_time.json").read_text())
+    run = [r for r in record["runs"] if not r["env"]][-1]
+    lines = [re.sub(r"with \S*/bacon_sglang/", "with .../bacon_sglang/", x) for x in run["output"]]
+    return "```\n" + "\n".join(lines) + "\n```"
+
+
+def run_tables() -> dict[Path, str]:
+    """Each run's own ``.md`` next to its JSON, as its script's ``--report-only`` writes it."""
+    renderers = {
+        "accuracy.json": accuracy.render,
+        "serving.json": serving.tables,
+        "demo_time.json": demo_time.render,
+        "evidence_retention.json": evidence_retention.render,
+        "kernels_cpu.json": kernels.render,
+        "kernels_gpu.json": kernels.render,
+    }
+    return {
+        path.with_suffix(".md"): renderers[path.name](json.loads(path.read_text())) + "\n"
+        for path in sorted(RESULTS.glob("**/*.json"))
+        if path.name in renderers
+    }
+
+
+def results_readme() -> str:
+    """The whole of ``benchmarks/results/README.md``."""
+    sections = [
+        accuracy_section(serving.latest_result("accuracy.json")),
+        serving_section(serving.latest_result("serving.json")),
+        evidence_section(RESULTS / "evidence_retention.json"),
+        kernels_section(sorted(RESULTS.glob("kernels_*.json"))),
+        demo_section(serving.latest_result("demo_time.json")),
+    ]
+    head = (
+        "# Benchmark results\n\n"
+        "Written by `python benchmarks/report.py` from the JSON files in this folder; do not "
+        "edit by hand. Each benchmark script's `--report-only` option rewrites its own `.md` "
+        "from the same JSON with the same functions.\n\n"
+        + "\n".join(
+            f"- [{s.splitlines()[0][3:]}]({anchor(s.splitlines()[0][3:])})" for s in sections
+        )
+    )
+    return "\n\n".join([head, *sections]) + "\n"
+
+
+def rows_by(rows: list[dict], key: str, value) -> dict[str, dict]:
+    return {r["policy"]: r for r in rows if r.get(key) == value}
+
+
+def summary() -> str:
+    """The README's results table: one line per headline number, each linking to its table."""
+    acc = json.loads(serving.latest_result("accuracy.json").read_text())
+    srv = json.loads(serving.latest_result("serving.json").read_text())
+    evid = json.loads((RESULTS / "evidence_retention.json").read_text())
+    page = "benchmarks/results/README.md"
+    link = {
+        "serving": page + anchor("Serving (closed loop)"),
+        "capacity": page + anchor("Capacity (burst into the fixed pool)"),
+        "prefill": page + anchor("Prefill overhead (single request)"),
+        "decode": page + anchor("Decode step time (server side)"),
+        "accuracy": page + anchor("Accuracy vs KV budget"),
+        "evidence": page + anchor("Evidence retention on synthetic attention"),
+    }
+    policies = ["none", "snapkv", "bacon"]
+    budget = srv["config"]["budget"]
+    lines = ["| 2 CPU cores, tiny Qwen2-VL | full cache | SnapKV | BACON | table |"]
+    lines.append("|---|---|---|---|---|")
+
+    def line(what: str, cells: dict[str, str], table: str) -> None:
+        values = " | ".join(cells.get(p, "-") for p in policies)
+        lines.append(f"| {what} | {values} | [{table}]({link[table]}) |")
+
+    levels = sorted({r["concurrency"] for r in srv["sweep"]})
+    for level in levels[:2]:
+        peak = rows_by(srv["sweep"], "concurrency", level)
+        clients = "1 request" if level == 1 else f"{level} clients"
+        line(f"KV slots held, {clients}, budget {budget} (peak)",
+             {p: str(r["kv_peak"]) for p, r in peak.items()},
+             "serving")  # fmt: skip
+    cap = {r["policy"]: r for r in srv["capacity"]}
+    pool = next(iter(cap.values()))["pool_tokens"]
+    line(
+        f"requests decoding at once in {pool} slots, budget {budget} (bound)",
+        {p: f"{r['max_running']} ({r['pool_bound']})" for p, r in cap.items()},
+        "capacity",
+    )
+    sizes = sorted({r["image_px"] for r in srv["prefill"]})
+    ends = [min(sizes), max(sizes)]
+    prefill = {
+        p: " / ".join(
+            f"{r['vs_none']:.2f}"
+            for r in srv["prefill"]
+            if r["policy"] == p and r["image_px"] in ends
+        )
+        for p in policies
+        if p != "none"
+    }
+    prompts = " / ".join(
+        str(next(r["prompt_tokens"] for r in srv["prefill"] if r["image_px"] == s)) for s in ends
+    )
+    line(f"prefill time vs compression off, {prompts} tokens", prefill, "prefill")
+    decode = rows_by(srv["decode"], "batch", 1)
+    line("decode step ms, batch 1", {p: f"{r['step_ms']:.1f}" for p, r in decode.items()}, "decode")
+    budgets = [b for b in (256, 128, 64) if any(r["budget"] == b for r in acc["rows"])]
+    full = next(r["server"] for r in acc["rows"] if r["policy"] == "none")
+    exact = {"none": f"{full:.3f}"}
+    for p in ("snapkv", "bacon"):
+        by_budget = {r["budget"]: r["server"] for r in acc["rows"] if r["policy"] == p}
+        exact[p] = " / ".join(f"{by_budget[b]:.3f}" for b in budgets)
+    budget_text = " / ".join(map(str, budgets))
+    line(f"exact match, budget {budget_text} (n={acc['questions']})", exact, "accuracy")
+    ks = (128, 64, 32)
+    recall = {
+        p: " / ".join(
+            f"{r['evidence_recall']:.2f}"
+            for k in ks
+            for r in evid["retention"]
+            if r["method"] == m and r["budget"] == k
+        )
+        for p, m in (("snapkv", "snapkv"), ("bacon", "bacon-1d"))
+    }
+    line(f"evidence recall at K = {' / '.join(map(str, ks))} (synthetic)", recall, "evidence")
+    return "\n".join(lines)
+
+
+def with_block(readme: str, name: str, text: str) -> str:
+    """``readme`` with the text between the ``name`` markers replaced by ``text``."""
+    begin, end = MARKERS[name]
+    start, stop = readme.index(begin), readme.index(end)
+    return readme[: start + len(begin)] + "\n" + text + "\n" + readme[stop:]
+
+
+def readme() -> str:
+    """The repository README with its generated blocks up to date."""
+    text = with_block(README.read_text(), "summary", summary())
+    text = with_block(text, "demo output", demo_output())
+    return with_block(text, "demo", demo_timing())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="compare, write nothing")
+    args = parser.parse_args(argv)
+    wanted = {RESULTS_README: results_readme(), README: readme(), **run_tables()}
+    stale = [p for p, text in wanted.items() if not p.exists() or p.read_text() != text]
+    if args.check:
+        for path in stale:
+            print(f"{path.relative_to(ROOT)}: stale, run benchmarks/report.py", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in wanted.items():
+        path.write_text(text)
+        print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
