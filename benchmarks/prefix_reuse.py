@@ -320,8 +320,9 @@ def plot(result: dict, path: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Measures follow-up TTFT, prefilled tokens, KV held and capacity for "
-        "none / bacon in place / bacon with full-prompt caching (about 15 min on a 2-core CPU)."
+        description="Measures follow-up TTFT, tokens prefilled, KV held and capacity for "
+        "none / bacon in place / bacon with full prompts cached (about 18 minutes on a 2-core "
+        "CPU)."
     )
     parser.add_argument("--model-path", default=None, help="model (default: built-in tiny)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -338,11 +339,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--server-args", default="--prefill-max-requests 4")
     parser.add_argument("--server-threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="results folder (default: dated)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="no run: rewrite prefix_reuse.md and .png from prefix_reuse.json in --out "
+        "(default: newest)",
+    )
     return parser.parse_args(argv)
+
+
+def write(result: dict, out: Path) -> None:
+    """``prefix_reuse.json``, ``.md`` and ``.png`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prefix_reuse.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "prefix_reuse.md").write_text(tables(result) + "\n")
+    plot(result, out / "prefix_reuse.png")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report_only:
+        path = args.out / "prefix_reuse.json" if args.out else None
+        path = path or serving.latest_result("prefix_reuse.json")
+        result = json.loads(path.read_text())
+        (path.parent / "prefix_reuse.md").write_text(tables(result) + "\n")
+        plot(result, path.parent / "prefix_reuse.png")
+        return 0
     start = time.perf_counter()
     model_path = args.model_path
     if model_path is None:
@@ -366,10 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     add_ratios(result)
     result["seconds"] = time.perf_counter() - start
     out = args.out or serving.results_dir(info)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "prefix_reuse.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "prefix_reuse.md").write_text(tables(result) + "\n")
-    plot(result, out / "prefix_reuse.png")
+    write(result, out)
     print("\n" + tables(result))
     print(f"\n{result['seconds']:.0f} s; wrote {out}")
     return 0

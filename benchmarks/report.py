@@ -21,6 +21,7 @@ from pathlib import Path
 import accuracy
 import demo_time
 import evidence_retention
+import prefix_reuse
 import serving
 
 from bacon_sglang.models import vqa
@@ -148,6 +149,27 @@ def serving_section(path: Path) -> str:
     )
 
 
+def prefix_reuse_section(path: Path) -> str:
+    result = json.loads(path.read_text())
+    config = result["config"]
+    return "\n\n".join(
+        [
+            "## Prefix-cache reuse: follow-up questions and chat turns",
+            "`python benchmarks/prefix_reuse.py`: one server per configuration "
+            f"({', '.join(config['configs'])}), `--kv-budget {config['budget']}`, pool "
+            f"{config['max_total_tokens']} slots; {config['images']} images x "
+            f"{config['questions']} questions and {config['chats']} three-turn chats, "
+            f"{config['clients']} clients, {config['output_tokens']} output tokens; "
+            f"{machine_line(result['machine'])}; {result['seconds']:.0f} s. "
+            + files(path, path.with_suffix(".png")),
+            prefix_reuse.tables(result).replace("### ", "#### "),
+            "Tokens prefilled, KV slots and capacity are counts; the TTFT columns of the first "
+            "table compare servers run one after another on a shared machine whose load moved "
+            "between them, the paired table alternates both policies on one server.",
+        ]
+    )
+
+
 def evidence_section(path: Path) -> str:
     report = json.loads(path.read_text())
     scene = report["scene"]
@@ -225,6 +247,7 @@ def run_tables() -> dict[Path, str]:
     renderers = {
         "accuracy.json": accuracy.render,
         "serving.json": serving.tables,
+        "prefix_reuse.json": prefix_reuse.tables,
         "demo_time.json": demo_time.render,
         "evidence_retention.json": evidence_retention.render,
         "kernels_cpu.json": kernels.render,
@@ -242,6 +265,7 @@ def results_readme() -> str:
     sections = [
         accuracy_section(serving.latest_result("accuracy.json")),
         serving_section(serving.latest_result("serving.json")),
+        prefix_reuse_section(serving.latest_result("prefix_reuse.json")),
         evidence_section(RESULTS / "evidence_retention.json"),
         kernels_section(sorted(RESULTS.glob("kernels_*.json"))),
         demo_section(serving.latest_result("demo_time.json")),
@@ -275,6 +299,7 @@ def summary() -> str:
         "decode": page + anchor("Decode step time (server side)"),
         "accuracy": page + anchor("Accuracy vs KV budget"),
         "evidence": page + anchor("Evidence retention on synthetic attention"),
+        "prefix reuse": page + anchor("Prefix-cache reuse: follow-up questions and chat turns"),
     }
     policies = ["none", "snapkv", "bacon"]
     budget = srv["config"]["budget"]
@@ -335,6 +360,17 @@ def summary() -> str:
         for p, m in (("snapkv", "snapkv"), ("bacon", "bacon-1d"))
     }
     line(f"evidence recall at K = {' / '.join(map(str, ks))} (synthetic)", recall, "evidence")
+    reuse = json.loads(serving.latest_result("prefix_reuse.json").read_text())
+    follow = {r["config"]: r for r in reuse["rows"] if r["workload"] == "questions"}
+    line(
+        "prompt tokens prefilled per follow-up question (BACON: in place / full prompts cached)",
+        {
+            "none": f"{follow['none']['follow_prefilled_mean']:.0f}",
+            "bacon": f"{follow['bacon-shared']['follow_prefilled_mean']:.0f} / "
+            f"{follow['bacon-full']['follow_prefilled_mean']:.0f}",
+        },
+        "prefix reuse",
+    )
     return "\n".join(lines)
 
 

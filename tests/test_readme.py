@@ -82,7 +82,14 @@ def test_generated_results_are_up_to_date():
         ["-m", "bacon_sglang.demo"],
         *[
             [str(ROOT / "benchmarks" / f"{name}.py")]
-            for name in ("accuracy", "serving", "evidence_retention", "kernels", "demo_time")
+            for name in (
+                "accuracy",
+                "serving",
+                "evidence_retention",
+                "kernels",
+                "demo_time",
+                "prefix_reuse",
+            )
         ],
         [str(ROOT / "benchmarks" / "report.py")],
     ],
