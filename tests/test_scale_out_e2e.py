@@ -1,8 +1,8 @@
 """Compression beyond one scheduler process, on SGLang's real engine (CPU without a GPU):
 tensor parallelism (``--tp-size 2``: each rank scores and compacts its own KV heads),
-data parallelism (``--dp-size 2``: one scheduler and pool per replica) and refused setups.
-One module-scoped server per configuration; the router tests are in
-``test_router_e2e.py``."""
+data parallelism (``--dp-size 2``: one scheduler and pool per replica). One module-scoped
+server per configuration; the router tests are in ``test_router_e2e.py``, the refused
+setups in ``test_scale_out_flags.py``."""
 
 from __future__ import annotations
 
