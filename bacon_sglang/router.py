@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
@@ -83,8 +84,16 @@ def running_cluster(
     workers: list[ServerProcess] = []
     router = None
     try:
-        for _ in range(n_workers):
-            workers.append(launch_server(model_path, extra_args, **server_kwargs))
+        # Started together: a start is mostly waiting on imports and the model load.
+        with ThreadPoolExecutor(n_workers) as pool:
+            starts = [
+                pool.submit(launch_server, model_path, extra_args, **server_kwargs)
+                for _ in range(n_workers)
+            ]
+        failures = [f.exception() for f in starts if f.exception() is not None]
+        workers += [f.result() for f in starts if f.exception() is None]
+        if failures:
+            raise failures[0]
         router = launch_router([w.base_url for w in workers], policy, router_args)
         yield router, workers
     finally:
