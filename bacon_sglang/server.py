@@ -2,8 +2,10 @@
 
 With no CUDA device, the server runs SGLang's real engine on CPU (``SGLANG_USE_CPU_ENGINE=1``,
 ``--device cpu --attention-backend torch_native``, CUDA graphs off) with the
-``bacon_sglang.cpu_shim`` standing in for ``sgl_kernel``. No SGLang import here: the server
-is another process.
+``bacon_sglang.cpu_shim`` standing in for ``sgl_kernel``, and with ``--tp-size``/``--dp-size``
+above 1 each scheduler rank bound to its own share of the cores
+(``SGLANG_CPU_OMP_THREADS_BIND``, unless set). No SGLang import here: the server is another
+process.
 """
 
 from __future__ import annotations
@@ -93,6 +95,38 @@ def server_argv(model_path: str | Path, port: int, extra: Sequence[str] = ()) ->
     return argv + list(extra)
 
 
+# Flags (and their aliases) whose product is the number of scheduler ranks of one server.
+RANK_FLAGS = {
+    "--tp-size": "tp", "--tp": "tp", "--tensor-parallel-size": "tp",
+    "--dp-size": "dp", "--dp": "dp", "--data-parallel-size": "dp",
+}  # fmt: skip
+
+
+def scheduler_ranks(argv: Sequence[str]) -> int:
+    """How many scheduler processes ``argv`` starts (``tp_size * dp_size``)."""
+    sizes = {"tp": 1, "dp": 1}
+    for i, arg in enumerate(argv):
+        flag, _, value = arg.partition("=")
+        if flag in RANK_FLAGS:
+            sizes[RANK_FLAGS[flag]] = int(value or argv[i + 1])
+    return sizes["tp"] * sizes["dp"]
+
+
+def cpu_threads_bind(ranks: int, cores: int | None = None) -> str:
+    """``SGLANG_CPU_OMP_THREADS_BIND`` for ``ranks`` CPU-engine ranks: the cores split into
+    that many contiguous groups, e.g. ``0|1`` (2 ranks, 2 cores), ``0-1|2-3`` (2 ranks, 4
+    cores). SGLang's CPU engine asks for it when ranks outnumber NUMA nodes. With more ranks
+    than cores, ranks share cores round-robin."""
+    cores = cores or os.cpu_count() or 1
+    if ranks > cores:
+        return "|".join(str(r % cores) for r in range(ranks))
+    groups = []
+    for r in range(ranks):
+        first, last = r * cores // ranks, (r + 1) * cores // ranks - 1
+        groups.append(str(first) if first == last else f"{first}-{last}")
+    return "|".join(groups)
+
+
 def launch_server(
     model_path: str | Path,
     extra_args: Sequence[str] = (),
@@ -112,6 +146,9 @@ def launch_server(
     base_env = cpu_engine_env(env) if cpu_engine() else dict(os.environ if env is None else env)
     base_env.setdefault("HF_HUB_OFFLINE", "1")
     base_env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    ranks = scheduler_ranks(argv)
+    if cpu_engine() and ranks > 1:
+        base_env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", cpu_threads_bind(ranks))
     with open(log_path, "wb") as log:
         # cwd outside the repository: its top-level kernels/ folder would shadow the
         # `kernels` package SGLang depends on.

@@ -149,6 +149,23 @@ def serving_section(path: Path) -> str:
     )
 
 
+def scale_out_section(paths: list[Path]) -> str:
+    parts = [
+        "## Scale-out: 1 vs 2 workers behind sglang-router",
+        "`python benchmarks/serving.py --workers 1 2 --policies bacon ...`: N CPU servers "
+        "(one thread each) behind `sglang_router.launch_router`, requests sent to the router. "
+        "Two identical runs 20 minutes apart on a shared machine: only the capacity and "
+        "per-worker columns are exact, the timings moved with the other jobs' load.",
+    ]
+    for path in paths:
+        result = json.loads(path.read_text())
+        parts += [
+            f"{machine_line(result['machine'])}; {result['seconds']:.0f} s. " + files(path),
+            serving.tables(result).replace("### ", "#### "),
+        ]
+    return "\n\n".join(parts)
+
+
 def prefix_reuse_section(path: Path) -> str:
     result = json.loads(path.read_text())
     config = result["config"]
@@ -248,6 +265,8 @@ def run_tables() -> dict[Path, str]:
         "accuracy.json": accuracy.render,
         "serving.json": serving.tables,
         "prefix_reuse.json": prefix_reuse.tables,
+        "serving_workers.json": serving.tables,
+        "serving_workers_run2.json": serving.tables,
         "demo_time.json": demo_time.render,
         "evidence_retention.json": evidence_retention.render,
         "kernels_cpu.json": kernels.render,
@@ -266,6 +285,7 @@ def results_readme() -> str:
         accuracy_section(serving.latest_result("accuracy.json")),
         serving_section(serving.latest_result("serving.json")),
         prefix_reuse_section(serving.latest_result("prefix_reuse.json")),
+        scale_out_section(sorted(RESULTS.glob("*/serving_workers*.json"))),
         evidence_section(RESULTS / "evidence_retention.json"),
         kernels_section(sorted(RESULTS.glob("kernels_*.json"))),
         demo_section(serving.latest_result("demo_time.json")),

@@ -29,11 +29,20 @@ built-in tiny Qwen2-VL (28 x 28 px per image token: 448 px = 256 tokens) in a fe
     python benchmarks/serving.py --smoke            # smallest size (the test)
     python benchmarks/serving.py --model-path Qwen/Qwen2-VL-7B-Instruct   # GPU
     python benchmarks/serving.py --report-only      # serving.md and plots again from the JSON
+
+``--workers N [N ...]``: instead of one server per policy, N servers (same flags) behind
+sglang-router (``--router-policy``, cache-aware by default), requests sent to the router,
+load, KV and cache calls to every worker (numbers summed), once per N: the rows are
+labelled ``<policy> xN``. The scale-out table compares them (throughput, TTFT, capacity,
+and how the router spread the requests):
+
+    python benchmarks/serving.py --workers 1 2 --policies bacon     # 1 vs 2 workers
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -43,6 +52,7 @@ import re
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -51,12 +61,12 @@ from serving_client import (
     Sampler,
     Workload,
     chat_prompt,
+    kv_memory_of,
     loads,
     run_closed_loop,
     run_open_loop,
 )
 
-from bacon_sglang.demo import kv_memory
 from bacon_sglang.server import cpu_engine, running_server
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -90,6 +100,31 @@ SMOKE = {
 }
 
 
+@dataclass
+class Target:
+    """Where a run's requests go (``url``: a server, or the router in front of several)
+    and the servers whose load, KV and cache it reads (``workers``)."""
+
+    url: str
+    workers: list[str]
+
+
+@contextlib.contextmanager
+def serving(model_path: str, flags: list[str], env: dict, workers: int, args):
+    """One server (``workers == 0``), or ``workers`` servers behind sglang-router
+    (``--router-policy``, ``--router-args``)."""
+    if not workers:
+        with running_server(model_path, flags, env=env) as server:
+            yield Target(server.base_url, [server.base_url])
+        return
+    from bacon_sglang.router import running_cluster
+
+    router_args = shlex.split(args.router_args)
+    cluster = running_cluster(model_path, workers, flags, args.router_policy, router_args, env=env)
+    with cluster as (router, ws):
+        yield Target(router.base_url, [w.base_url for w in ws])
+
+
 def server_env(threads: int | None) -> dict[str, str]:
     """The servers' environment: this one without ``TRITON_INTERPRET``, so the plugin runs
     what it runs in production (Triton on a GPU, its PyTorch path on CPU), and with
@@ -110,12 +145,13 @@ def server_args(policy: str, args: argparse.Namespace) -> list[str]:
     return extra + shlex.split(args.server_args)
 
 
-def wait_idle(base_url: str, timeout: float = 60.0) -> dict:
+def wait_idle(target: Target, timeout: float = 60.0) -> dict:
     """Wait until no request holds KV (``available + evictable == total``, nothing
-    protected); return ``bacon_kv`` with ``idle_ok`` telling whether that happened."""
+    protected, summed over the workers); return ``bacon_kv`` with ``idle_ok`` telling
+    whether that happened."""
     deadline = time.monotonic() + timeout
     while True:
-        kv = kv_memory(base_url)
+        kv = kv_memory_of(target.workers)
         free = kv.get("available", 0) + kv.get("evictable", 0)
         ok = free == kv.get("total") and not kv.get("protected")
         if ok or time.monotonic() > deadline:
@@ -123,9 +159,10 @@ def wait_idle(base_url: str, timeout: float = 60.0) -> dict:
         time.sleep(0.5)
 
 
-def flush_cache(base_url: str) -> None:
-    """Empty the radix tree between experiments (SGLang refuses while requests run)."""
-    requests.post(base_url + "/flush_cache", timeout=60)
+def flush_cache(target: Target) -> None:
+    """Empty the radix trees between experiments (SGLang refuses while requests run)."""
+    for url in target.workers:
+        requests.post(url + "/flush_cache", timeout=60)
 
 
 def warm_up(base_url: str, workload: Workload, sizes: list[int]) -> list:
@@ -134,32 +171,32 @@ def warm_up(base_url: str, workload: Workload, sizes: list[int]) -> list:
     return results + run_closed_loop(base_url, workload.bodies(4), 4)
 
 
-def sweep(base_url: str, policy: str, workload: Workload, args) -> list[dict]:
+def sweep(target: Target, policy: str, workload: Workload, args) -> list[dict]:
     """Closed-loop runs at every concurrency level (the ``sweep`` table)."""
     rows = []
     for level in args.levels:
         bodies = workload.bodies(max(2, level * args.rounds))
-        flush_cache(base_url)
-        before = loads(base_url)
-        with Sampler(base_url) as sampler:
-            results = run_closed_loop(base_url, bodies, level)
-        row = report.sweep_row(policy, level, results, sampler, (before, loads(base_url)))
+        flush_cache(target)
+        before = loads(target.workers)
+        with Sampler(target.workers) as sampler:
+            results = run_closed_loop(target.url, bodies, level)
+        row = report.sweep_row(policy, level, results, sampler, (before, loads(target.workers)))
         rows.append(row)
         print(report.markdown([row], report.SWEEP_COLUMNS).splitlines()[-1], flush=True)
     return rows
 
 
-def open_loop(base_url: str, policy: str, workload: Workload, args) -> list[dict]:
+def open_loop(target: Target, policy: str, workload: Workload, args) -> list[dict]:
     """Poisson arrivals at every ``--rates`` rate (the ``open_loop`` table); the arrival
     times are seeded, the same for every policy."""
     rows = []
     for i, rate in enumerate(args.rates):
         bodies = workload.bodies(args.rate_requests)
-        flush_cache(base_url)
-        before = loads(base_url)
-        with Sampler(base_url) as sampler:
-            results = run_open_loop(base_url, bodies, rate, seed=i)
-        moments = (before, loads(base_url))
+        flush_cache(target)
+        before = loads(target.workers)
+        with Sampler(target.workers) as sampler:
+            results = run_open_loop(target.url, bodies, rate, seed=i)
+        moments = (before, loads(target.workers))
         rows.append(report.sweep_row(policy, None, results, sampler, moments, rate=rate))
     return rows
 
@@ -174,7 +211,7 @@ def burst_size(pool: int, prompt: int, budget: str, output_tokens: int) -> int:
     return min(MAX_BURST, math.ceil(1.25 * bound))
 
 
-def capacity(base_url: str, policy: str, workload: Workload, args, pool: int, burst: int):
+def capacity(target: Target, policy: str, workload: Workload, args, pool: int, burst: int):
     """The burst run (``--capacity-output-tokens`` each, long enough that the requests
     admitted first still decode when the last ones arrive); returns the capacity row and the
     sampled timeline."""
@@ -182,15 +219,15 @@ def capacity(base_url: str, policy: str, workload: Workload, args, pool: int, bu
     long.seed = workload.seed
     bodies = long.bodies(burst)
     workload.seed = long.seed
-    flush_cache(base_url)
-    with Sampler(base_url) as sampler:
-        results = run_closed_loop(base_url, bodies, burst)
+    flush_cache(target)
+    with Sampler(target.workers) as sampler:
+        results = run_closed_loop(target.url, bodies, burst)
     fp = report.footprint(results, long.output_tokens)
     row = report.capacity_row(policy, pool, fp, results, sampler, args.budget)
     return row, sampler.samples
 
 
-def prefill_overhead(base_url: str, policy: str, workload: Workload, args) -> list[dict]:
+def prefill_overhead(target: Target, policy: str, workload: Workload, args) -> list[dict]:
     """Single requests (2 output tokens) at each ``--prefill-sizes`` image size, alternating
     with requests that turn compression off (``{"policy": "none"}``) on the same server, so
     the ratio to ``none`` is paired and immune to drift in the machine's load."""
@@ -199,42 +236,56 @@ def prefill_overhead(base_url: str, policy: str, workload: Workload, args) -> li
     for size in args.prefill_sizes:
         own, ref = [], []
         for _ in range(args.prefill_repeats):
-            own += run_closed_loop(base_url, probe.bodies(1, size), 1)
-            if policy != "none":
-                ref += run_closed_loop(base_url, probe.bodies(1, size, {"policy": "none"}), 1)
+            own += run_closed_loop(target.url, probe.bodies(1, size), 1)
+            if not policy.startswith("none"):
+                ref += run_closed_loop(target.url, probe.bodies(1, size, {"policy": "none"}), 1)
         rows.append(report.prefill_row(policy, size, own, ref or own))
     workload.seed = probe.seed
     return rows
 
 
-def run_policy(policy: str, args, model_path: str, prompt: str, state: dict) -> dict:
-    """Start ``policy``'s server and run every experiment against it."""
+def run_policy(
+    policy: str, args, model_path: str, prompt: str, state: dict, workers: int = 0
+) -> dict:
+    """Start ``policy``'s server (or ``workers`` servers and the router) and run every
+    experiment against it; rows are labelled ``policy`` (or ``<policy> x<workers>``)."""
     workload = Workload(prompt, args.image_size, args.output_tokens, seed=state["seed"])
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     env = server_env(args.server_threads)
-    with running_server(model_path, server_args(policy, args), env=env) as server:
+    flags = server_args(policy, args)
+    label = f"{policy} x{workers}" if workers else policy
+    with serving(model_path, flags, env, workers, args) as url:
         started = time.perf_counter() - t0
-        url = server.base_url
-        warm = warm_up(url, workload, sorted({args.image_size, *args.prefill_sizes}))
+        served_before = [kv_memory_of(w).get("compressed_requests", 0) for w in url.workers]
+        warm = warm_up(url.url, workload, sorted({args.image_size, *args.prefill_sizes}))
         if any(r.error for r in warm):
             raise RuntimeError(f"{policy}: warm-up request failed: {warm[0].error}")
-        pool = loads(url)["max_total_num_tokens"]
-        if "burst" not in state:
+        pool = loads(url.workers)["max_total_num_tokens"]
+        burst_key = f"burst x{workers}"  # the same burst for every policy, per pool size
+        if burst_key not in state:
             prompt_tokens = warm[-1].meta["prompt_tokens"]
-            state["burst"] = args.burst or burst_size(
+            state[burst_key] = args.burst or burst_size(
                 pool, prompt_tokens, args.budget, args.capacity_output_tokens
             )
-        print(f"== {policy}: server up in {started:.0f} s, pool {pool} slots", flush=True)
-        rows = sweep(url, policy, workload, args)
-        rate_rows = open_loop(url, policy, workload, args)
-        cap, timeline = capacity(url, policy, workload, args, pool, state["burst"])
+        print(f"== {label}: server up in {started:.0f} s, pool {pool} slots", flush=True)
+        rows = sweep(url, label, workload, args)
+        rate_rows = open_loop(url, label, workload, args)
+        cap, timeline = capacity(url, label, workload, args, pool, state[burst_key])
         print(f"   capacity: {cap['max_running']} decoding at once (bound {cap['pool_bound']})")
-        prefill = prefill_overhead(url, policy, workload, args)
+        prefill = prefill_overhead(url, label, workload, args)
         idle = wait_idle(url)
+        served = [
+            kv_memory_of(w).get("compressed_requests", 0) - before
+            for w, before in zip(url.workers, served_before, strict=True)
+        ]
     state["seed"] = workload.seed
     return {
-        "policy": policy,
+        "policy": label,
+        "kv_policy": policy,
+        "workers": workers,
+        "router_policy": f"{args.router_policy} {args.router_args}".strip() if workers else None,
+        "compressed_per_worker": served,
         "server_args": server_args(policy, args),
         "startup_s": started,
         "seconds": time.perf_counter() - t0,
@@ -279,8 +330,29 @@ def latest_result(name: str) -> Path:
     return found[-1]
 
 
+def scale_out_rows(policies: list[dict]) -> list[dict]:
+    """The scale-out table: per run (policy, worker count) and concurrency level, the
+    throughput and TTFT of the sweep, the capacity run's requests decoding at once, and how
+    the router spread the run's compressed requests over the workers."""
+    rows = []
+    for run in policies:
+        if not run.get("workers"):
+            continue
+        for row in run["sweep"]:
+            rows.append({
+                **{k: row[k] for k in ("policy", "concurrency", "req_per_s", "out_tok_per_s",
+                                       "ttft_p50_ms", "ttft_p99_ms")},
+                "workers": run["workers"],
+                "router": run["router_policy"],
+                "capacity": run["capacity"]["max_running"],
+                "capacity_bound": run["capacity"]["pool_bound"],
+                "per_worker": "/".join(str(n) for n in run["compressed_per_worker"]),
+            })  # fmt: skip
+    return rows
+
+
 def tables(result: dict) -> str:
-    """The five markdown tables of a run."""
+    """The markdown tables of a run (five, and the scale-out table with ``--workers``)."""
     sections = [
         ("Serving (closed loop)", "sweep", report.SWEEP_COLUMNS),
         ("Serving (open loop, Poisson arrivals)", "open_loop", report.OPEN_LOOP_COLUMNS),
@@ -288,6 +360,9 @@ def tables(result: dict) -> str:
         ("Prefill overhead (single request)", "prefill", report.PREFILL_COLUMNS),
         ("Decode step time (server side)", "decode", report.DECODE_COLUMNS),
     ]
+    if result.get("scale_out"):
+        sections.insert(0, ("Scale-out (workers behind sglang-router)", "scale_out",
+                            report.SCALE_OUT_COLUMNS))  # fmt: skip
     return "\n\n".join(
         f"### {title}\n\n" + report.markdown(result[key], columns)
         for title, key, columns in sections
@@ -333,6 +408,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--server-threads", type=int, help="OMP_NUM_THREADS (CPU 1, GPU unset)")
     parser.add_argument("--question", default="Which colour is the shape in row 3, column 5?")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", help="run N servers behind sglang-router, per N"
+    )
+    parser.add_argument(
+        "--router-policy", default="cache_aware", help="sglang-router --policy (--workers)"
+    )
+    parser.add_argument(
+        "--router-args",
+        default="--balance-abs-threshold 0 --balance-rel-threshold 1.0",
+        help="more sglang-router flags (default: balance on any load difference: the "
+        "requests' texts are the same, so cache-aware routing alone sends them all to one worker)",
+    )
     parser.add_argument("--smoke", action="store_true", help="smallest size (the test)")
     parser.add_argument("--out", type=Path, help="results folder (default: dated)")
     parser.add_argument(
@@ -370,7 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     prompt = chat_prompt(model_path, args.question)
     state = {"seed": 0}
     print(report.markdown([], report.SWEEP_COLUMNS), flush=True)
-    policies = [run_policy(p, args, model_path, prompt, state) for p in args.policies]
+    policies = [
+        run_policy(p, args, model_path, prompt, state, workers)
+        for workers in args.workers or [0]
+        for p in args.policies
+    ]
     sweep_rows = [row for p in policies for row in p["sweep"]]
     capacity_rows = [p["capacity"] for p in policies]
     report.add_capacity_gains(capacity_rows)
@@ -386,10 +477,12 @@ def main(argv: list[str] | None = None) -> int:
         "capacity": capacity_rows,
         "prefill": prefill_rows,
         "decode": sorted(report.decode_rows(sweep_rows), key=lambda r: r["batch"]),
+        "scale_out": scale_out_rows(policies),
     }
     result["seconds"] = time.perf_counter() - start
     out = args.out or results_dir(info)
-    write(result, out, "serving_smoke" if args.smoke and args.out is None else "serving")
+    stem = "serving_workers" if args.workers else "serving"
+    write(result, out, f"{stem}_smoke" if args.smoke and args.out is None else stem)
     print("\n" + tables(result))
     print(f"\n{info['gpu'] or info['cpu']}, {info['cores']} cores; {result['seconds']:.0f} s; "
           f"wrote {out}")  # fmt: skip

@@ -27,7 +27,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import requests
@@ -196,10 +196,38 @@ def run_open_loop(
     return results
 
 
-def loads(base_url: str) -> dict:
-    """The scheduler's published load snapshot (``GET /v1/loads``, dp rank 0)."""
-    reply = requests.get(base_url + "/v1/loads?include=core,queues", timeout=30)
-    return reply.json()["loads"][0]
+def loads(base_url: str | Sequence[str]) -> dict:
+    """The scheduler's published load snapshot (``GET /v1/loads``, dp rank 0); for several
+    servers (``--workers``), their numbers summed."""
+    urls = [base_url] if isinstance(base_url, str) else list(base_url)
+    snapshots = [
+        requests.get(url + "/v1/loads?include=core,queues", timeout=30).json()["loads"][0]
+        for url in urls
+    ]
+    return summed(snapshots)
+
+
+def summed(records: list[dict]) -> dict:
+    """One record: numbers summed over ``records``, lists of numbers summed element-wise,
+    anything else taken from the first (a single record comes back as it is)."""
+    if len(records) == 1:
+        return records[0]
+    out = dict(records[0])
+    for key in records[0]:
+        values = [r.get(key) for r in records]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = sum(values)
+        elif all(isinstance(v, list) for v in values) and all(
+            isinstance(x, (int, float)) for v in values for x in v
+        ):
+            out[key] = [sum(xs) for xs in zip(*values, strict=True)]
+    return out
+
+
+def kv_memory_of(base_url: str | Sequence[str]) -> dict:
+    """``bacon_kv`` of one server, or summed over several."""
+    urls = [base_url] if isinstance(base_url, str) else list(base_url)
+    return summed([kv_memory(url) for url in urls])
 
 
 class Sampler:
@@ -210,7 +238,9 @@ class Sampler:
     (its own thread: the scheduler answers it only between two batches), with
     ``used = total - available - evictable``. ``t`` is seconds since the sampler started."""
 
-    def __init__(self, base_url: str, interval: float = 0.05, kv_interval: float = 0.25):
+    def __init__(
+        self, base_url: str | Sequence[str], interval: float = 0.05, kv_interval: float = 0.25
+    ):
         self.base_url = base_url
         self.samples: list[tuple[float, int, int, int]] = []
         self.kv_samples: list[tuple[float, int]] = []
@@ -239,7 +269,7 @@ class Sampler:
         self.samples.append((t, used, running, load["num_waiting_reqs"]))
 
     def _sample_kv(self) -> None:
-        kv = kv_memory(self.base_url)
+        kv = kv_memory_of(self.base_url)
         used = kv["total"] - kv["available"] - kv["evictable"]
         self.kv_samples.append((time.perf_counter() - self.t0, used))
 

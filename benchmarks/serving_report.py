@@ -232,6 +232,19 @@ CAPACITY_COLUMNS = [
     ("gain_bound", "gain bound", "{:.2f}"),
     ("gain_p_over_b", "P/(B+S)", "{:.2f}"),
 ]
+SCALE_OUT_COLUMNS = [
+    ("policy", "run", "{}"),
+    ("workers", "workers", "{}"),
+    ("router", "router", "{}"),
+    ("concurrency", "conc", "{}"),
+    ("req_per_s", "req/s", "{:.2f}"),
+    ("out_tok_per_s", "out tok/s", "{:.0f}"),
+    ("ttft_p50_ms", "TTFT p50 ms", "{:.0f}"),
+    ("ttft_p99_ms", "TTFT p99 ms", "{:.0f}"),
+    ("capacity", "capacity (decoding at once)", "{}"),
+    ("capacity_bound", "bound", "{}"),
+    ("per_worker", "compressed per worker", "{}"),
+]
 PREFILL_COLUMNS = [
     ("image_px", "image px", "{}"),
     ("prompt_tokens", "prompt", "{}"),

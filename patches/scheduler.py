@@ -26,9 +26,9 @@ import torch
 
 from bacon_sglang.compression import RequestCompression, WindowQueries, plan_request
 from bacon_sglang.config import CompressionConfig, ConfigError
-from bacon_sglang.patches import radix_cache
+from bacon_sglang.patches import parallel, radix_cache
 from bacon_sglang.patches.metrics import CompressionCounters, make_counters
-from bacon_sglang.patches.server_args import config_of
+from bacon_sglang.patches.server_args import config_of, scale_out_problems
 from bacon_sglang.policies import Policy, make_policy
 
 logger = logging.getLogger(__name__)
@@ -103,14 +103,10 @@ def unsupported(scheduler, kv_pool) -> list[str]:
     server_args = scheduler.server_args
     if getattr(server_args, "enable_mixed_chunk", False):
         problems.append("--enable-mixed-chunk")
-    for name in ("dp_size", "attn_dp_size", "pp_size"):
-        if (getattr(server_args, name, 1) or 1) > 1:
-            problems.append(f"--{name.replace('_', '-')} > 1")
+    problems += scale_out_problems(server_args)
     for name in ("enable_hierarchical_cache", "enable_lmcache", "enable_hisparse"):
         if getattr(server_args, name, False):
             problems.append(f"--{name.replace('_', '-')}")
-    if (getattr(server_args, "disaggregation_mode", "null") or "null") != "null":
-        problems.append("prefill/decode disaggregation")
     if (getattr(server_args, "kv_canary", "none") or "none") != "none":
         problems.append("--kv-canary")
     tree_cache = scheduler.tree_cache
@@ -259,7 +255,13 @@ def text_before_first_image(req, page_size: int) -> int:
 
 
 def dump_keep_sets(c: RequestCompression, rid: str) -> None:
-    """``--kv-debug-dir``: save the request's keep-sets (tests compare against them)."""
+    """``--kv-debug-dir``: save the request's keep-sets (tests compare against them);
+    ``<rid>.pt``, or ``<rid>.tp<rank>.pt`` per tensor-parallel rank."""
+    from sglang.srt.distributed.parallel_state import (
+        get_tensor_model_parallel_rank,
+        get_tensor_model_parallel_world_size,
+    )
+
     directory = Path(c.config.debug_dir)
     directory.mkdir(parents=True, exist_ok=True)
     record = {
@@ -269,7 +271,10 @@ def dump_keep_sets(c: RequestCompression, rid: str) -> None:
         "prompt_len": c.prompt_len,
         "kept": c.kept,
     }
-    torch.save(record, directory / f"{rid}.pt")
+    # With --tp-size N each rank holds (and writes the keep-sets of) its own KV heads.
+    tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    name = f"{rid}.pt" if tp_size == 1 else f"{rid}.tp{tp_rank}.pt"
+    torch.save({**record, "tp_rank": tp_rank, "tp_size": tp_size}, directory / name)
 
 
 def apply_plan(runtime: Runtime, batch, entries: list[PlanEntry]) -> None:
@@ -340,7 +345,9 @@ def around_run_batch(original, scheduler, batch, *args, **kwargs):
         return original(scheduler, batch, *args, **kwargs)
     entries = build_plan(runtime, batch)
     if not entries:
-        return original(scheduler, batch, *args, **kwargs)
+        result = original(scheduler, batch, *args, **kwargs)
+        parallel.assert_tp_ranks_agree(scheduler, [])
+        return result
     runtime.plan = entries
     try:
         result = original(scheduler, batch, *args, **kwargs)
@@ -352,6 +359,7 @@ def around_run_batch(original, scheduler, batch, *args, **kwargs):
     finally:
         runtime.plan = None
     apply_plan(runtime, batch, entries)
+    parallel.assert_tp_ranks_agree(scheduler, [e.req for e in entries if e.compression])
     return result
 
 
@@ -371,13 +379,16 @@ def kv_memory(scheduler) -> dict:
         "freed_slots": runtime.freed_slots if runtime else 0,
         "copies": runtime.copies if runtime else 0,
         "copy_fallbacks": runtime.copy_fallbacks if runtime else 0,
+        **parallel.STATS,
     }
 
 
 def after_get_internal_state(result, scheduler, *args, **kwargs):
     """AFTER ``Scheduler.get_internal_state``: adds ``bacon_kv`` (see :func:`kv_memory`) to
     each scheduler's entry of ``GET /server_info``'s ``internal_states``."""
-    result.internal_state["bacon_kv"] = kv_memory(scheduler)
+    memory = kv_memory(scheduler)
+    ranks = parallel.all_ranks(scheduler, memory)
+    result.internal_state["bacon_kv"] = memory if ranks is None else {**memory, "tp_ranks": ranks}
     return result
 
 

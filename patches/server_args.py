@@ -5,7 +5,8 @@
   ``python -m sglang.launch_server --help`` and work in ``--config`` YAML files.
 * ``ServerArgs.from_cli_args`` (AFTER): validates them into one
   :class:`~bacon_sglang.config.CompressionConfig` and attaches it to the ``ServerArgs``
-  record. A bad value stops the launch here, before any model loads, with one line.
+  record. A bad value, or a parallel setup compression refuses
+  (:func:`scale_out_problems`), stops the launch here, before any model loads, with one line.
 
 How the values reach the scheduler and model-runner subprocesses (the one bridge): the
 config rides on the ``ServerArgs`` record as the bookkeeping attribute ``_bacon_kv_config``.
@@ -91,8 +92,45 @@ def attach_from_namespace(result, cls, args: argparse.Namespace):
         sys.stderr.write(f"error: {exc}\n")
         sys.stderr.flush()
         raise SystemExit(2) from None
+    problems = scale_out_problems(result) if config.enabled else []
+    if problems:
+        sys.stderr.write(f"error: --kv-policy {config.policy} cannot be used with {problems[0]}\n")
+        sys.stderr.flush()
+        raise SystemExit(2)
     attach(result, config)
     return result
+
+
+# Parallel setups compression refuses, each with why (checked on every scheduler rank).
+# --tp-size and --dp-size (independent replicas, one scheduler each) are supported.
+SCALE_OUT_REFUSALS = (
+    ("attn_dp_size", 1, "--attention-data-parallel-size > 1 (DP attention: the attention-DP "
+     "ranks share one forward, padded and gathered for the MLP, which compression's per-rank "
+     "plan does not follow yet)"),
+    ("pp_size", 1, "--pp-size > 1 (pipeline stages hold different layers; compaction needs "
+     "every layer's keep-set in one process)"),
+    ("nnodes", 1, "--nnodes > 1 (multi-node serving is untested with compression; use one "
+     "server per node behind sglang-router)"),
+)  # fmt: skip
+
+
+def scale_out_problems(server_args) -> list[str]:
+    """The refused parallel setups of ``server_args`` (empty when none), with the reason."""
+    problems = [
+        reason
+        for name, default, reason in SCALE_OUT_REFUSALS
+        if (getattr(server_args, name, default) or default) > default
+    ]
+    if getattr(server_args, "enable_dp_attention", False) and not any(
+        "attention-data-parallel" in p for p in problems
+    ):
+        problems.append(SCALE_OUT_REFUSALS[0][2])
+    if (getattr(server_args, "disaggregation_mode", "null") or "null") != "null":
+        problems.append(
+            "prefill/decode disaggregation (the KV transfer moves the full prompt's slots; "
+            "a compressed transfer is not built yet, see the README's Scaling out)"
+        )
+    return problems
 
 
 def _parse_int(flag: str, raw: str) -> int:
