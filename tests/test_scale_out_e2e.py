@@ -11,13 +11,10 @@ import threading
 import pytest
 import requests
 import torch
-from test_compression_e2e import (  # noqa: F401  (fixtures)
+from test_compression_e2e import (
     QUESTIONS,
     chat_prompt,
     generate,
-    hf_eager,
-    hf_model,
-    processor,
     reference_decode,
     reference_keep_sets,
     served_tokens,
