@@ -36,6 +36,11 @@ from serving import machine, results_dir
 
 from bacon_sglang import scoring
 from bacon_sglang.models import train, vqa
+from bacon_sglang.models.visual_heads import (
+    evidence_positions,
+    evidence_token_ids,
+    predicting_positions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,35 +53,6 @@ LABELS = {
     "S": "BACON S",
     "D": "answer tokens D",
 }
-
-
-def evidence_positions(input_ids: torch.Tensor, s: vqa.VQASample, image_token: int) -> list[int]:
-    """Token positions of ``s``'s evidence cells: the first image token + ``row * cols + col``
-    (one 28-px cell is one merged image token, row-major)."""
-    first = int((input_ids == image_token).nonzero()[0])
-    cols = s.image.size[0] // vqa.CELL
-    return [first + r * cols + c for r, c in s.evidence]
-
-
-def predicting_positions(
-    labels: torch.Tensor, evidence_tokens: set[int], prompt_len: int
-) -> list[int]:
-    """Query positions (answer tokens, the last prompt position excluded) whose next token is
-    an answer token that carries evidence (``evidence_tokens``)."""
-    out = []
-    for pos in range(prompt_len, labels.shape[0] - 1):
-        if int(labels[pos + 1]) in evidence_tokens:
-            out.append(pos)
-    return out
-
-
-def evidence_token_ids(tokenizer, s: vqa.VQASample) -> set[int]:
-    """The answer's token ids that are read from the image: every digit (document task) or
-    the colour / shape word of the shapes task."""
-    if s.kind == "doc":
-        return {tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)}
-    word = s.answer.rstrip(".").split()[-1]
-    return {tokenizer(" " + word, add_special_tokens=False)["input_ids"][0]}
 
 
 def recall(scores: torch.Tensor, evidence: list[int], k: int) -> torch.Tensor:
@@ -92,9 +68,9 @@ def question_recalls(model, tokenizer, s: vqa.VQASample, image_token: int) -> to
     """``[layers, len(SCORES), len(KS)]`` evidence recall of one question (mean over heads)."""
     batch = train.make_batch(tokenizer, [s], with_answers=True)
     prompt_len = train.make_batch(tokenizer, [s], with_answers=False).input_ids.shape[1]
-    ids, labels = batch.input_ids[0], batch.input_ids[0]
+    ids = batch.input_ids[0]
     evidence = evidence_positions(ids[:prompt_len], s, image_token)
-    queries = predicting_positions(labels, evidence_token_ids(tokenizer, s), prompt_len)
+    queries = predicting_positions(ids, evidence_token_ids(tokenizer, s), prompt_len)
     if not queries:
         raise RuntimeError(f"no evidence-predicting answer token in {s.answer!r}")
     model.model.rope_deltas = None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from bacon_sglang.models import vqa
+from bacon_sglang.models import visual_heads, vqa
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # premise.py imports its sibling serving.py
@@ -36,17 +36,19 @@ def test_evidence_positions_and_predicting_queries():
     batch = train.make_batch(tokenizer, [s])
     ids = batch.input_ids[0]
     prompt_len = train.make_batch(tokenizer, [s], with_answers=False).input_ids.shape[1]
-    positions = premise.evidence_positions(ids[:prompt_len], s, pad)
+    positions = visual_heads.evidence_positions(ids[:prompt_len], s, pad)
     assert all(int(ids[p]) == pad for p in positions) and len(positions) == len(s.answer)
-    queries = premise.predicting_positions(
-        ids, premise.evidence_token_ids(tokenizer, s), prompt_len
+    queries = visual_heads.predicting_positions(
+        ids, visual_heads.evidence_token_ids(tokenizer, s), prompt_len
     )
     # the answer's digits 2.. are predicted by the answer's digits 1..n-1
     assert [tokenizer.decode([int(ids[q + 1])]) for q in queries] == list(s.answer[1:])
     shapes = vqa.sample("test", 0)
     ids = train.make_batch(tokenizer, [shapes]).input_ids[0]
     n = train.make_batch(tokenizer, [shapes], with_answers=False).input_ids.shape[1]
-    (q,) = premise.predicting_positions(ids, premise.evidence_token_ids(tokenizer, shapes), n)
+    (q,) = visual_heads.predicting_positions(
+        ids, visual_heads.evidence_token_ids(tokenizer, shapes), n
+    )
     assert tokenizer.decode(ids[q + 1 :]).startswith(" " + shapes.answer.rstrip(".").split()[-1])
 
 
