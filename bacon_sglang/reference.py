@@ -14,8 +14,10 @@ through :data:`KEPT_ATTENTION`, an attention function that masks each head's pad
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Collection, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -77,6 +79,23 @@ def kept_positions(keep: Tensor, prefix_len: int) -> Tensor:
     return torch.cat([prefix, keep], dim=-1)
 
 
+@dataclass
+class Prefill:
+    """A full-cache prefill of one prompt, reusable by several :func:`decode_with_keep_sets`
+    calls (each reduces its own copy of the cache)."""
+
+    output: object  # the model's output (logits, past_key_values)
+    rope_deltas: Tensor | None
+
+
+@torch.no_grad()
+def prefill(model, inputs: dict) -> Prefill:
+    """Run ``model`` over the prompt ``inputs`` with a full KV cache."""
+    model.model.rope_deltas = None  # cached by the model across calls
+    out = model(**inputs, use_cache=True)
+    return Prefill(out, model.model.rope_deltas)
+
+
 def is_ragged(keep: Tensor | Sequence[Tensor] | None) -> bool:
     """Whether ``keep`` differs in length between layers or pads some head's row."""
     if keep is None:
@@ -92,6 +111,7 @@ def decode_with_keep_sets(
     max_new: int,
     stop: Collection[int] = (),
     masked: bool | None = None,
+    prefilled: Prefill | None = None,
 ) -> tuple[list[int], list[float]]:
     """Greedy tokens and their log-probabilities after a full prefill of ``inputs`` (a
     processor's output for one prompt), with the KV cache reduced to ``keep``.
@@ -105,11 +125,17 @@ def decode_with_keep_sets(
         max_new: tokens to generate; decoding also stops after a token in ``stop``.
         masked: decode through :data:`KEPT_ATTENTION` (default: only when ``keep`` is ragged,
             see :func:`is_ragged`); the tests force it to compare both paths.
+        prefilled: :func:`prefill` of the same ``model`` and ``inputs`` to start from
+            (its cache is copied, not changed); None runs the prefill here.
     """
     prompt_len = inputs["input_ids"].shape[1]
-    model.model.rope_deltas = None  # cached by the model across calls
-    out = model(**inputs, use_cache=True)
-    cache = out.past_key_values
+    if prefilled is None:
+        prefilled = prefill(model, inputs)
+        cache = prefilled.output.past_key_values
+    else:
+        cache = copy.deepcopy(prefilled.output.past_key_values)
+    model.model.rope_deltas = prefilled.rope_deltas
+    out = prefilled.output
     if keep is not None:
         for layer_id, layer in enumerate(cache.layers):
             idx = keep[layer_id].clamp(min=0)[None, :, :, None]  # [1, Hkv, n, 1]
@@ -170,15 +196,30 @@ def keep_sets_per_layer(
             allocations).
         prefix_len: ``P``; positions ``[0, P)`` are shared and never selected.
     """
+    windows = window_attentions(model_eager, inputs, window)
+    heads = model_eager.config.get_text_config().num_key_value_heads
+    return keep_sets_from_windows(windows, heads, policy, kept, prefix_len)
+
+
+@torch.no_grad()
+def window_attentions(model_eager, inputs: dict, window: int = 32) -> list[Tensor]:
+    """Each layer's ``[Hq, window, L]`` float32 attention of the last ``window`` prompt
+    queries (``model_eager`` loaded with ``attn_implementation="eager"``)."""
     model_eager.model.rope_deltas = None
     attentions = model_eager(**inputs, output_attentions=True).attentions
-    heads = model_eager.config.get_text_config().num_key_value_heads
+    return [a[0, :, -window:].float() for a in attentions]
+
+
+def keep_sets_from_windows(
+    windows: Sequence[Tensor], num_kv_heads: int, policy: str | Policy, kept: int, prefix_len: int
+) -> list[Tensor]:
+    """:func:`keep_sets_per_layer` from :func:`window_attentions` computed once."""
     rank = make_policy(policy) if isinstance(policy, str) else policy
     state = RequestState()
-    layers = len(attentions)
+    window = windows[0].shape[1]
     return [
-        rank.keep(a[0, :, -window:].float(), heads, kept - window, i, layers, state, prefix_len)
-        for i, a in enumerate(attentions)
+        rank.keep(a, num_kv_heads, kept - window, i, len(windows), state, prefix_len)
+        for i, a in enumerate(windows)
     ]
 
 

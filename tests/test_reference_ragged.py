@@ -60,6 +60,13 @@ def test_masked_decode_equals_plain_decode_for_uniform_and_padded_keep_sets(mode
     assert again[0] == plain[0]
     torch.testing.assert_close(again[1], plain[1], atol=1e-4, rtol=0)
     assert reference.slots_held(padded) == reference.slots_held(keep) == 64
+    # One prefill serves several decodes (each reduces its own copy of the cache).
+    full = reference.prefill(model, inputs)
+    for k in (padded, keep, None):
+        reused = reference.decode_with_keep_sets(model, inputs, k, 6, prefilled=full)
+        want = plain if k is not None else reference.decode_with_keep_sets(model, inputs, None, 6)
+        assert reused[0] == want[0]
+        torch.testing.assert_close(reused[1], want[1], atol=1e-4, rtol=0)
 
 
 def test_ragged_keep_sets_decode(models):
