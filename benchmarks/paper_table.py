@@ -3,6 +3,8 @@
     python benchmarks/paper_table.py --task shapes --n 200      # the shipped model, old task
     python benchmarks/paper_table.py --task doc --model-path DIR --n 500
     python benchmarks/paper_table.py --smoke --offline-only     # 4 questions (the test)
+    python benchmarks/paper_table.py --offline-only --n 100 --start 100 --out B  # one shard
+    python benchmarks/paper_table.py --merge A/paper_table_shapes.json B/paper_table_shapes.json
 
 Methods (``bacon_sglang.policies``): SnapKV, PyramidKV, AdaKV, SparseMM (per-head budgets from
 the model's ``visual_heads.json``, :mod:`bacon_sglang.models.visual_heads`), each as the base
@@ -245,6 +247,48 @@ def markdown(result: dict, budgets, n: int, task: str) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[Path], out: Path | None) -> dict:
+    """One table from shard records of the same task and budgets (consecutive test indices):
+    answers are concatenated, rows, intervals and tests recomputed, slots averaged."""
+    records = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda r: r["start"])
+    first = records[0]
+    for a, b in zip(records, records[1:], strict=False):
+        if b["start"] != a["start"] + a["questions"] or b["task"] != a["task"]:
+            raise SystemExit("shards must be consecutive runs of one task")
+    n = sum(r["questions"] for r in records)
+    samples = vqa.dataset("test", n, start=first["start"], task=first["task"])
+    answers, slots, agreement = {}, {}, {}
+    for row in first["rows"]:
+        key = (row["method"], row["budget"])
+        name = f"{row['method']}@{row['budget']}"
+        answers[key] = [t for r in records for t in r["answers"][name]]
+        rows = [next(x for x in r["rows"] if (x["method"], x["budget"]) == key) for r in records]
+        if row["slots"] is not None:
+            slots[key] = (
+                sum(x["slots"] * r["questions"] for x, r in zip(rows, records, strict=True)) / n
+            )
+        if "server_offline_agreement" in row:
+            agreement[key] = min(x["server_offline_agreement"] for x in rows)
+    result = summarise(samples, answers, slots, agreement, first["budgets"])
+    record = {
+        **{k: first[k] for k in ("model", "task", "split", "start", "budgets", "window")},
+        "questions": n,
+        "machine": first["machine"],
+        "merged_from": [str(p) for p in paths],
+        "seconds": {"total": sum(r["seconds"]["total"] for r in records)},
+        **result,
+        "answers": {f"{m}@{b}": texts for (m, b), texts in answers.items()},
+        "expected": [s.answer for s in samples],
+    }
+    out = Path(out) if out else results_dir(record["machine"])
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(result, first["budgets"], n, first["task"])
+    (out / f"paper_table_{first['task']}.md").write_text(table + "\n")
+    (out / f"paper_table_{first['task']}.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(table)
+    return record
+
+
 def run(args: argparse.Namespace) -> dict:
     """Measure every row, write ``paper_table_<task>.{md,json}``; returns the JSON record."""
     samples = vqa.dataset("test", args.n, start=args.start, task=args.task)
@@ -315,6 +359,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, help="results folder (default: dated, per device)")
     parser.add_argument("--smoke", action="store_true", help="4 questions, budgets 64 and 48")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", help="merge these shard JSONs into one table (no run)"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.n, args.budgets = 4, [64, 48]
@@ -324,6 +371,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out)
+        return 0
     torch.set_num_threads(args.threads)
     run(args)
     return 0

@@ -59,3 +59,42 @@ def test_paper_table_smoke_offline(tmp_path):
     saved = json.loads((tmp_path / "paper_table_shapes_smoke.json").read_text())
     assert saved["rows"] == record["rows"]
     assert "McNemar" in (tmp_path / "paper_table_shapes_smoke.md").read_text()
+
+
+def test_merge_of_shards_recomputes_the_table(tmp_path):
+    from bacon_sglang.models import vqa
+
+    samples = vqa.dataset("test", 6)
+    machine = {"cpu": "x", "cores": 2, "gpu": None, "python": "3"}
+
+    def shard(start, n, right_base, right_bacon, slots):
+        exp = [s.answer for s in samples[start : start + n]]
+        answers = {
+            "full@None": exp,
+            "adakv@64": [a if i < right_base else "?" for i, a in enumerate(exp)],
+            "bacon-adakv@64": [a if i < right_bacon else "?" for i, a in enumerate(exp)],
+        }
+        rows = [
+            {"method": m, "budget": b, "slots": None if m == "full" else slots}
+            for m, b in (("full", None), ("adakv", 64), ("bacon-adakv", 64))
+        ]
+        record = {
+            "model": "m", "task": "shapes", "split": "test", "start": start, "questions": n,
+            "budgets": [64], "window": 32, "machine": machine, "seconds": {"total": 1},
+            "rows": rows, "answers": answers,
+        }  # fmt: skip
+        path = tmp_path / f"shard{start}.json"
+        path.write_text(json.dumps(record))
+        return path
+
+    merged = paper_table.merge([shard(3, 3, 1, 3, 70.0), shard(0, 3, 3, 3, 76.0)], tmp_path)
+    rows = {(r["method"], r["budget"]): r for r in merged["rows"]}
+    assert merged["questions"] == 6 and merged["expected"] == [s.answer for s in samples]
+    assert rows[("full", None)]["exact_match"] == 1.0
+    assert rows[("adakv", 64)]["exact_match"] == 4 / 6
+    assert rows[("bacon-adakv", 64)]["exact_match"] == 1.0
+    assert rows[("adakv", 64)]["slots"] == 73.0
+    (test,) = merged["mcnemar"]
+    assert (test["base_only"], test["other_only"]) == (0, 2)
+    with pytest.raises(SystemExit):
+        paper_table.merge([shard(0, 3, 3, 3, 1.0), shard(4, 2, 2, 2, 1.0)], tmp_path)
