@@ -109,3 +109,28 @@ def mean_budget(budgets: Tensor) -> int:
         budgets: ``[Hkv]`` int64.
     """
     return math.floor(budgets.double().mean().item() + 0.5) if budgets.numel() else 0
+
+
+def sparsemm_budgets(
+    head_scores: Tensor, budget: int, num_layers: int, num_candidates: int, floor: float = 0.1
+) -> Tensor:
+    """SparseMM: per-head budgets of one layer from offline "visual head" scores.
+
+    ``cap_h = round(score_h * (K - m) * L * Hkv + m)`` with ``m = floor(floor * K)``, clamped
+    to ``[0, T]``; the scores of all ``L * Hkv`` heads sum to 1, so the caps average ``K``
+    over the model (not over one layer).
+
+    Args:
+        head_scores: ``[Hkv]`` this layer's scores (a slice of the model's ``[L, Hkv]``).
+        budget: ``K``, the model-wide mean per-head budget.
+        num_layers: ``L``.
+        num_candidates: ``T``.
+        floor: the share of ``K`` every head keeps whatever its score.
+
+    Returns:
+        ``[Hkv]`` int64.
+    """
+    heads = head_scores.shape[0]
+    low = math.floor(floor * budget)
+    caps = torch.round(head_scores.double() * (budget - low) * num_layers * heads + low)
+    return caps.long().clamp(0, max(0, num_candidates))

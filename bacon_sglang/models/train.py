@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from torch import Tensor
 
 from bacon_sglang.models import tiny, vqa
 
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 SPEC = dataclasses.replace(tiny.DEFAULT_SPEC, vision_depth=1)
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 IMAGE_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
+TRAINER_STATE = "trainer_state.pt"  # optimiser etc. of a checkpoint (``--resume``)
 
 
 def prompt(sample: vqa.VQASample) -> str:
@@ -93,7 +95,8 @@ def follow_ups(s: vqa.VQASample, n: int, seed: int) -> list[tuple[str, str]]:
     image's vision cost buys several supervised answers)."""
     if n <= 0 or s.image is None:
         return []
-    others = [qa for qa in vqa.all_questions(s.objects) if qa[0] != s.question]
+    every = s.questions or vqa.all_questions(s.objects)
+    others = [qa for qa in every if qa[0] != s.question]
     order = np.random.default_rng(seed).permutation(len(others))
     return [others[int(i)] for i in order[:n]]
 
@@ -153,13 +156,13 @@ def check_patchify(model_dir: Path) -> None:
     torch.testing.assert_close(patchify(img), ref.float(), atol=1e-4, rtol=0)
 
 
-def hub_state_dict(model) -> dict[str, torch.Tensor]:
+def hub_state_dict(model, spec: tiny.TinyQwen2VLSpec = SPEC) -> dict[str, torch.Tensor]:
     """The model's weights under the hub names of :func:`tiny.weight_shapes`, bf16."""
     out = {}
     for name, tensor in model.state_dict().items():
         hub = name.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
         out[hub] = tensor.detach().to(torch.bfloat16).contiguous()
-    expected = tiny.weight_shapes(SPEC, model.config.text_config.vocab_size)
+    expected = tiny.weight_shapes(spec, model.config.text_config.vocab_size)
     if set(out) != set(expected) or any(tuple(out[k].shape) != v for k, v in expected.items()):
         raise RuntimeError("trained weights do not match the checkpoint layout")
     return out
@@ -176,9 +179,11 @@ def greedy_answers(model, tokenizer, samples: list[vqa.VQASample], max_new: int 
     return out
 
 
-def evaluate(model, tokenizer, split: str, n: int, text_fraction: float) -> dict[str, float]:
+def evaluate(
+    model, tokenizer, split: str, n: int, text_fraction: float, task: str = "shapes"
+) -> dict[str, float]:
     """Exact-match accuracy on the first ``n`` samples of ``split``, per task kind."""
-    samples = vqa.dataset(split, n, text_fraction=text_fraction)
+    samples = vqa.dataset(split, n, text_fraction=text_fraction, task=task)
     model.eval()
     answers = greedy_answers(model, tokenizer, samples)
     model.train()
@@ -189,13 +194,19 @@ def evaluate(model, tokenizer, split: str, n: int, text_fraction: float) -> dict
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
-def evidence_match(logits: torch.Tensor, labels: torch.Tensor, is_id: int, a_id: int) -> float:
+def evidence_match(
+    logits: torch.Tensor, labels: torch.Tensor, is_id: int, a_id: int, digits: Tensor | None = None
+) -> float:
     """Share of evidence words predicted right under teacher forcing: the colour after
-    "... is" or the shape after "... is a" (the one answer token read from the image).
+    "... is" or the shape after "... is a" (the one answer token read from the image), or,
+    with ``digits`` (the digit token ids; document task), every answer digit.
 
     ``logits``: ``[B, L, vocab]``; ``labels``: ``[B, L]`` (-100 outside the answers)."""
     target, before = labels[:, 1:], labels[:, :-1]
-    evidence = ((before == is_id) & (target != a_id)) | (before == a_id)
+    if digits is not None:
+        evidence = torch.isin(target, digits)
+    else:
+        evidence = ((before == is_id) & (target != a_id)) | (before == a_id)
     right = logits[:, :-1].argmax(-1) == target
     return right[evidence].float().mean().item() if evidence.any() else 0.0
 
@@ -224,25 +235,36 @@ def small_grid(grids: tuple[int, ...], step: int, done: float) -> int:
     return grids[step % k]
 
 
+def spec_of(args: argparse.Namespace) -> tiny.TinyQwen2VLSpec:
+    """The model settings of a run: :data:`SPEC` with ``--layers`` decoder layers."""
+    return dataclasses.replace(SPEC, num_hidden_layers=args.layers)
+
+
 def train(args: argparse.Namespace) -> dict:
-    """Build, train and save the model into ``args.out_dir``; returns the training record."""
+    """Build, train and save the model into ``args.out_dir``; returns the training record.
+
+    With ``--resume DIR`` (a directory this function saved, which holds ``trainer_state.pt``)
+    the weights, optimiser, step, data position, elapsed time and history continue from there,
+    so a stopped run goes on with the same schedule."""
     from transformers import AutoConfig, AutoTokenizer, Qwen2VLForConditionalGeneration
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    spec = spec_of(args)
     out = Path(args.out_dir)
     work = Path(tempfile.mkdtemp(prefix="tiny-vqa-"))
-    tiny.write_tiny_model(work / "model", seed=args.seed, spec=SPEC)
+    tiny.write_tiny_model(work / "model", seed=args.seed, spec=spec)
     check_patchify(work / "model")
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
     config = AutoConfig.from_pretrained(work / "model")
     model = Qwen2VLForConditionalGeneration._from_config(
         config, dtype=torch.float32, attn_implementation="sdpa"
     )
-    if args.init:
+    init = args.resume or args.init
+    if init:
         from safetensors.torch import load_file
 
-        model.load_state_dict(_from_hub(load_file(Path(args.init) / "model.safetensors")))
+        model.load_state_dict(_from_hub(load_file(Path(init) / "model.safetensors")))
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
@@ -252,12 +274,38 @@ def train(args: argparse.Namespace) -> dict:
         betas=(0.9, 0.98),
     )
     is_id, a_id = (tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (" is", " a"))
-    start = time.perf_counter()
+    digits = None
+    if args.task == "doc":
+        digits = torch.tensor([tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)])
     history = []
     smooth = match = None
     seen = args.offset  # next train-split index
     small_steps = None  # the step at which the full-grid phase began
-    step = 0
+    step, already = 0, 0.0
+    if args.resume:
+        state = torch.load(Path(args.resume) / TRAINER_STATE, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, seen, already = state["step"], state["seen"], state["seconds"]
+        history, small_steps = state["history"], state["small_steps"]
+        torch.set_rng_state(state["torch_rng"])
+        logger.info("resumed %s at step %d (%.0f s done)", args.resume, step, already)
+    start = time.perf_counter() - already
+    last_save = time.perf_counter()
+
+    def save() -> dict:
+        args.small_steps, args.samples = small_steps, seen - args.offset
+        state = {
+            "optimizer": opt.state_dict(),
+            "step": step + 1,
+            "seen": seen,
+            "seconds": time.perf_counter() - start,
+            "history": history,
+            "small_steps": small_steps,
+            "torch_rng": torch.get_rng_state(),
+        }
+        return _save(model, work, out, args, step + 1, state["seconds"], history, spec, state)
+
     while True:
         elapsed = time.perf_counter() - start
         done = progress(step, elapsed, args)
@@ -278,13 +326,14 @@ def train(args: argparse.Namespace) -> dict:
             text_fraction=args.text_fraction,
             grids=(grid,),
             distinct_fraction=args.distinct_fraction,
+            task=args.task,
         )
         turns = [follow_ups(s, args.follow_ups, seen + j) for j, s in enumerate(samples)]
         seen += batch
         b = make_batch(tokenizer, samples, turns=turns)
         result = model(**b.inputs(), labels=b.labels)
         loss = result.loss
-        hit = evidence_match(result.logits.detach(), b.labels, is_id, a_id)
+        hit = evidence_match(result.logits.detach(), b.labels, is_id, a_id, digits)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -298,15 +347,18 @@ def train(args: argparse.Namespace) -> dict:
                 step, grid, loss.item(), smooth, match, elapsed,
             )  # fmt: skip
         if args.eval_every and (step + 1) % args.eval_every == 0:
-            acc = evaluate(model, tokenizer, "val", args.eval_n, args.text_fraction)
+            acc = evaluate(model, tokenizer, "val", args.eval_n, args.text_fraction, args.task)
             history.append({"step": step + 1, "seconds": round(elapsed), "val": acc})
             logger.info("step %d val %s", step + 1, json.dumps(acc))
-            args.small_steps, args.samples = small_steps, seen - args.offset
-            _save(model, work, out, args, step + 1, elapsed, history)
+            save()
+            last_save = time.perf_counter()
+        elif args.save_minutes and time.perf_counter() - last_save > 60 * args.save_minutes:
+            save()
+            last_save = time.perf_counter()
+            logger.info("step %d saved to %s", step + 1, out)
         step += 1
-    elapsed = time.perf_counter() - start
-    args.small_steps, args.samples = small_steps, seen - args.offset
-    record = _save(model, work, out, args, step, elapsed, history)
+    step -= 1  # save() records step + 1 = the steps taken
+    record = save()
     shutil.rmtree(work, ignore_errors=True)
     return record
 
@@ -323,14 +375,32 @@ def _from_hub(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _save(model, work: Path, out: Path, args, steps: int, seconds: float, history) -> dict:
-    """Write the model directory (config, tokenizer, processor, bf16 weights, record)."""
+def _save(
+    model,
+    work: Path,
+    out: Path,
+    args,
+    steps: int,
+    seconds: float,
+    history,
+    spec: tiny.TinyQwen2VLSpec = SPEC,
+    trainer_state: dict | None = None,
+) -> dict:
+    """Write the model directory (config, tokenizer, processor, bf16 weights, record) and,
+    with ``trainer_state``, ``trainer_state.pt`` (fp32 optimiser state etc. for ``--resume``;
+    not part of a shipped model). The folder is replaced atomically (rename)."""
     tmp = work / "save"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(work / "model", tmp)
-    save_file(hub_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    weights = hub_state_dict(model, spec)
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if trainer_state is not None:
+        # fp32 weights too: resuming from the bf16 export alone would round them every time.
+        trainer_state = trainer_state | {"model": model.state_dict()}
+        torch.save(trainer_state, tmp / TRAINER_STATE)
     record = {
-        "task": "bacon_sglang.models.vqa (train split)",
+        "task": f"bacon_sglang.models.vqa, task {args.task!r} (train split)",
+        "layers": spec.num_hidden_layers,
         "command": "python -m bacon_sglang.models.train " + " ".join(args.argv),
         "seed": args.seed,
         "steps": steps,
@@ -351,9 +421,15 @@ def _save(model, work: Path, out: Path, args, steps: int, seconds: float, histor
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     for f in tmp.iterdir():
         f.chmod(0o644)
+    staged = out.with_name(out.name + ".new")
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(tmp, staged)
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
     if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(tmp, out)
+        out.rename(old)
+    staged.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     return record
 
 
@@ -393,6 +469,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--offset", type=int, default=0, help="first train-split index")
     parser.add_argument("--init", type=Path, default=None, help="start from this checkpoint")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="continue a run from its saved folder (weights, optimiser, step, data position)",
+    )
+    parser.add_argument("--task", choices=("shapes", "doc"), default="shapes")
+    parser.add_argument("--layers", type=int, default=SPEC.num_hidden_layers)
+    parser.add_argument(
+        "--save-minutes", type=float, default=0, help="also save every this many minutes"
+    )
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-n", type=int, default=64)
     parser.add_argument("--log-every", type=int, default=10)

@@ -23,6 +23,21 @@ values) and one question, ``"What is the value of cat?" -> "The cat is 47."``.
 
 Every colour and key is a single token of the tiny model's tokenizer (with its leading space);
 shape names are short fixed token sequences.
+
+Document task (:func:`doc_sample`, ``task="doc"``; its own split seeds
+:data:`DOC_SPLIT_SEEDS`): a dense page of short numbers. The same 16 x 16 grid of 28-px cells
+is cut into 5-cell slots (three per row, the last column empty); every slot holds a *word* of 2-4
+adjacent digit glyphs (a 3 x 5 bitmap font drawn 4x, black on white) after its cue cell, and a
+few cue cells (3-7) hold a coloured square, each colour at most once. One question points at
+one word through its mark; the answer starts with the evidence and is the whole word::
+
+    doc  "What number follows the blue mark?"  -> "0471"
+
+About 144 of the 256 image tokens are digits, so the candidate evidence is several times what a
+budget-64 keep-set (32 selected tokens per head) can hold. Every digit is a single token of any
+tokenizer built by :mod:`bacon_sglang.models.tiny` (Qwen2's pre-tokenizer splits digits one by
+one), so the answer is 2-4 evidence tokens plus ``<|im_end|>``: the first comes from the
+full-cache prefill, the others from decode steps that read the (compressed) cache.
 """
 
 from __future__ import annotations
@@ -35,6 +50,8 @@ from PIL import Image, ImageDraw
 
 # The trained model shipped with the package (bacon_sglang/models/train.py wrote it).
 MODEL_DIR = Path(__file__).resolve().parent / "tiny_vqa"
+# The 8-layer model of the document task (its model card says how it is trained and installed).
+DOC_MODEL_DIR = Path(__file__).resolve().parent / "tiny_doc"
 
 IMAGE_SIZE = 448
 GRID = 16
@@ -66,7 +83,28 @@ MIN_FACTS = 16
 MAX_FACTS = 32
 
 SPLIT_SEEDS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
-KINDS: tuple[str, ...] = ("colour", "shape", "text")
+KINDS: tuple[str, ...] = ("colour", "shape", "text", "doc")
+
+# Document task: its splits never share a stream with the shapes task's.
+DOC_SPLIT_SEEDS: dict[str, int] = {"train": 10, "val": 11, "test": 12}
+SLOT = 5  # cells per slot: the cue cell and up to 4 digits
+MIN_WORD, MAX_WORD = 2, 4
+MIN_MARKS, MAX_MARKS = 3, 7
+MARK_COLOURS: tuple[str, ...] = tuple(c for c in COLOURS if c != "black")  # ink is black
+DIGIT_SCALE = 4  # px per font pixel: a digit is 12 x 20 px, centred in its cell
+# 3 x 5 bitmap font (rows top to bottom, "1" = ink).
+DIGIT_FONT: dict[str, tuple[str, ...]] = {
+    "0": ("111", "101", "101", "101", "111"),
+    "1": ("010", "110", "010", "010", "111"),
+    "2": ("111", "001", "111", "100", "111"),
+    "3": ("111", "001", "111", "001", "111"),
+    "4": ("101", "101", "111", "001", "001"),
+    "5": ("111", "100", "111", "001", "111"),
+    "6": ("111", "100", "111", "101", "111"),
+    "7": ("111", "001", "001", "001", "001"),
+    "8": ("111", "101", "111", "101", "111"),
+    "9": ("111", "101", "111", "001", "111"),
+}
 
 
 @dataclass(frozen=True)
@@ -82,6 +120,8 @@ class VQASample:
     evidence: tuple[tuple[int, int], ...] = ()
     facts: str = ""
     objects: tuple[tuple[int, int, str, str], ...] = field(default=(), repr=False)
+    # Every (question, answer) the image answers (the document task's follow-ups).
+    questions: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     @property
     def prompt_text(self) -> str:
@@ -206,17 +246,98 @@ def text_sample(rng: np.random.Generator) -> VQASample:
     )
 
 
+def draw_digit(draw: ImageDraw.ImageDraw, row: int, col: int, digit: str) -> None:
+    """Draw ``digit`` (:data:`DIGIT_FONT`, black) centred in grid cell ``(row, col)``."""
+    glyph = DIGIT_FONT[digit]
+    x0 = col * CELL + (CELL - 3 * DIGIT_SCALE) // 2
+    y0 = row * CELL + (CELL - 5 * DIGIT_SCALE) // 2
+    for y, bits in enumerate(glyph):
+        for x, bit in enumerate(bits):
+            if bit == "1":
+                left, top = x0 + x * DIGIT_SCALE, y0 + y * DIGIT_SCALE
+                draw.rectangle([left, top, left + DIGIT_SCALE - 1, top + DIGIT_SCALE - 1], fill=0)
+
+
+def render_doc(objects: tuple[tuple[int, int, str, str], ...], grid: int = GRID) -> Image.Image:
+    """The RGB page (``grid * 28`` px square) of ``objects`` = ``(row, col, "digit", d)`` or
+    ``(row, col, "mark", colour)`` on white."""
+    img = Image.new("RGB", (grid * CELL, grid * CELL), "white")
+    draw = ImageDraw.Draw(img)
+    for row, col, what, value in objects:
+        if what == "digit":
+            draw_digit(draw, row, col, value)
+        else:
+            draw_shape(draw, row, col, "square", value)
+    return img
+
+
+def doc_question(colour: str) -> str:
+    """The document task's question about the word after the ``colour`` mark."""
+    return f"What number follows the {colour} mark?"
+
+
+def doc_sample(rng: np.random.Generator, grid: int = GRID) -> VQASample:
+    """A ``grid`` x ``grid`` page (``grid >= SLOT``): ``grid // SLOT`` slots per row, each a
+    cue cell and a 2-4 digit word; 3-7 cue cells (fewer on small pages) hold a mark of a
+    distinct colour. The question asks for the word after one mark; ``evidence`` is that
+    word's cells, left to right."""
+    if grid < SLOT:
+        raise ValueError(f"a document page needs at least {SLOT} columns, not {grid}")
+    per_row = grid // SLOT
+    slots = grid * per_row
+    lengths = rng.integers(MIN_WORD, MAX_WORD + 1, size=slots)
+    digits = rng.integers(10, size=(slots, MAX_WORD))
+    n_marks = int(rng.integers(min(MIN_MARKS, slots), min(MAX_MARKS, slots) + 1))
+    marked = rng.choice(slots, size=n_marks, replace=False)
+    colours = rng.choice(len(MARK_COLOURS), size=n_marks, replace=False)
+    target = int(rng.integers(n_marks))
+    objects, words = [], []
+    for slot in range(slots):
+        row, col = slot // per_row, (slot % per_row) * SLOT
+        word = "".join(str(int(d)) for d in digits[slot, : int(lengths[slot])])
+        words.append((row, col, word))
+        objects += [(row, col + 1 + i, "digit", d) for i, d in enumerate(word)]
+    questions = []
+    for slot, c in zip(marked, colours, strict=True):
+        row, col, word = words[int(slot)]
+        objects.append((row, col, "mark", MARK_COLOURS[int(c)]))
+        questions.append((doc_question(MARK_COLOURS[int(c)]), word))
+    row, col, word = words[int(marked[target])]
+    objects_t = tuple(sorted(objects))
+    return VQASample(
+        kind="doc",
+        question=questions[target][0],
+        answer=word,
+        image=render_doc(objects_t, grid),
+        evidence=tuple((row, col + 1 + i) for i in range(len(word))),
+        objects=objects_t,
+        questions=tuple(questions),
+    )
+
+
+def doc_rng_for(split: str, index: int) -> np.random.Generator:
+    """The generator of sample ``index`` of the document task's ``split``."""
+    return np.random.default_rng([DOC_SPLIT_SEEDS[split], index])
+
+
 def sample(
     split: str,
     index: int,
     text_fraction: float = 0.0,
     grid: int = GRID,
     distinct_fraction: float = 0.0,
+    task: str = "shapes",
 ) -> VQASample:
     """Sample ``index`` of ``split``: the text task with probability ``text_fraction``,
     otherwise an image question (colour or shape, even odds) on a ``grid`` x ``grid`` image,
     whose objects all differ in colour with probability ``distinct_fraction`` (training only,
-    see :func:`image_sample`). A fraction of 0 draws nothing, so the splits stay as they are."""
+    see :func:`image_sample`). A fraction of 0 draws nothing, so the splits stay as they are.
+    ``task="doc"`` gives the document task instead (:func:`doc_sample`; the fractions are
+    ignored)."""
+    if task == "doc":
+        return doc_sample(doc_rng_for(split, index), grid=grid)
+    if task != "shapes":
+        raise ValueError(f"unknown task {task!r}; known: shapes, doc")
     rng = rng_for(split, index)
     if text_fraction > 0 and rng.random() < text_fraction:
         return text_sample(rng)
@@ -231,11 +352,19 @@ def dataset(
     text_fraction: float = 0.0,
     grids: tuple[int, ...] = (),
     distinct_fraction: float = 0.0,
+    task: str = "shapes",
 ) -> list[VQASample]:
     """Samples ``start .. start + n - 1`` of ``split`` (see :func:`sample`); sample ``i`` uses
     the grid ``grids[i % len(grids)]`` (default: :data:`GRID`)."""
     return [
-        sample(split, i, text_fraction, grids[i % len(grids)] if grids else GRID, distinct_fraction)
+        sample(
+            split,
+            i,
+            text_fraction,
+            grids[i % len(grids)] if grids else GRID,
+            distinct_fraction,
+            task,
+        )
         for i in range(start, start + n)
     ]
 

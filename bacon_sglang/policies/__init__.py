@@ -10,6 +10,7 @@ from bacon_sglang.policies.bacon import BACON
 from bacon_sglang.policies.base import Policy, RequestState
 from bacon_sglang.policies.pyramidkv import PyramidKV
 from bacon_sglang.policies.snapkv import SnapKV
+from bacon_sglang.policies.sparsemm import SparseMM
 
 POLICIES: dict[str, type[Policy]] = {
     "snapkv": SnapKV,
@@ -49,5 +50,6 @@ __all__ = [
     "PyramidKV",
     "RequestState",
     "SnapKV",
+    "SparseMM",
     "make_policy",
 ]

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from bacon_sglang import scoring
-from bacon_sglang.budgets import mean_budget
 from bacon_sglang.policies.base import Policy, RequestState
 from bacon_sglang.policies.snapkv import SnapKV
 from bacon_sglang.selection import select_keep
@@ -71,7 +70,7 @@ class BACON(Policy):
         scores, evidence = scoring.calibrate(
             base,
             last,
-            mean_budget(budgets),
+            self.base.region_budget(budgets, budget),
             state.evidence,
             coherence_kernel=self.coherence_kernel,
             history=self.history,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from bacon_sglang.budgets import mean_budget
 from bacon_sglang.scoring import ImageGrid
 from bacon_sglang.selection import select_keep
 
@@ -103,3 +104,9 @@ class Policy(ABC):
         scores = self.score(attn, num_kv_heads)
         budgets = self.allocate(scores[:, first_candidate:], budget, layer_idx, num_layers)
         return select_keep(scores, budgets, attn.shape[1], first_candidate)
+
+    def region_budget(self, budgets: Tensor, budget: int) -> int:
+        """The per-head budget of BACON's top-2K region for this layer's ``budgets``
+        (``[Hkv]``) when the mean is ``budget``: the layer's mean head budget (SnapKV,
+        PyramidKV: the layer's capacity; AdaKV: ``K``)."""
+        return mean_budget(budgets)

@@ -1,0 +1,135 @@
+"""The document-style VQA task (``vqa.doc_sample``) and its training hooks: fast, no server."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from bacon_sglang.models import tiny, train, vqa
+
+
+def _key(s: vqa.VQASample) -> tuple:
+    return (s.question, s.answer, s.objects, s.evidence, s.questions)
+
+
+def test_doc_generator_is_deterministic_and_splits_differ():
+    first, again = vqa.dataset("test", 5, task="doc"), vqa.dataset("test", 5, task="doc")
+    assert [_key(s) for s in first] == [_key(s) for s in again]
+    assert all(a.image.tobytes() == b.image.tobytes() for a, b in zip(first, again, strict=True))
+    assert _key(vqa.sample("test", 3, task="doc")) == _key(first[3])  # random access by index
+    pages = {
+        split: {s.objects for s in vqa.dataset(split, 40, task="doc")}
+        for split in vqa.DOC_SPLIT_SEEDS
+    }
+    assert len(pages["test"]) == 40  # no two pages alike within a split
+    assert not pages["train"] & pages["test"] and not pages["val"] & pages["test"]
+    assert not pages["train"] & pages["val"]
+    with pytest.raises(ValueError, match="unknown task"):
+        vqa.sample("test", 0, task="forms")
+
+
+def test_shapes_task_streams_are_unchanged():
+    """The document task added a keyword, not a draw: the old splits are what they were."""
+    blob = repr(
+        [
+            (s.kind, s.question, s.answer, s.objects, s.facts)
+            for s in vqa.dataset("test", 30, text_fraction=0.2)
+        ]
+        + [
+            (s.question, s.objects)
+            for s in vqa.dataset("train", 30, grids=(4, 16), distinct_fraction=0.3)
+        ]
+    )
+    digest = hashlib.sha256(blob.encode()).hexdigest()
+    assert digest == "00d6d3dfdbd79a8347ad4e75725cd17ced1ae37763800e94ae77b85b1268d53a"
+
+
+def _read_cell(pixels: np.ndarray, row: int, col: int) -> str:
+    """What a page cell shows, read back from its pixels: a digit, ``mark:<colour>`` or ``""``."""
+    cell = pixels[row * vqa.CELL : (row + 1) * vqa.CELL, col * vqa.CELL : (col + 1) * vqa.CELL]
+    if (cell == 255).all():
+        return ""
+    centre = tuple(int(v) for v in cell[vqa.CELL // 2, vqa.CELL // 2])
+    colours = {rgb: name for name, rgb in vqa.COLOURS.items()}
+    if centre in colours and centre != vqa.COLOURS["black"]:
+        return f"mark:{colours[centre]}"
+    x0, y0 = (vqa.CELL - 3 * vqa.DIGIT_SCALE) // 2, (vqa.CELL - 5 * vqa.DIGIT_SCALE) // 2
+    half = vqa.DIGIT_SCALE // 2
+    bits = tuple(
+        "".join(
+            "1"
+            if cell[y0 + y * vqa.DIGIT_SCALE + half, x0 + x * vqa.DIGIT_SCALE + half, 0] == 0
+            else "0"
+            for x in range(3)
+        )
+        for y in range(5)
+    )
+    return {glyph: d for d, glyph in vqa.DIGIT_FONT.items()}[bits]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_doc_answer_is_in_the_image_after_its_mark(index):
+    s = vqa.sample("test", index, task="doc")
+    pixels = np.asarray(s.image)
+    assert s.image.size == (vqa.IMAGE_SIZE, vqa.IMAGE_SIZE)
+    (row, col0), *_ = s.evidence
+    colour = s.question.removeprefix("What number follows the ").removesuffix(" mark?")
+    assert _read_cell(pixels, row, col0 - 1) == f"mark:{colour}"
+    read = "".join(_read_cell(pixels, r, c) for r, c in s.evidence)
+    assert read == s.answer and vqa.MIN_WORD <= len(read) <= vqa.MAX_WORD
+    after = _read_cell(pixels, row, col0 + len(read))
+    assert not after.isdigit()  # the word ends where the answer ends
+    # Every mark colour is used at most once, and each question's answer is its word.
+    marks = [_read_cell(pixels, r, c) for r in range(vqa.GRID) for c in range(vqa.GRID)]
+    marks = [m for m in marks if m.startswith("mark:")]
+    assert len(marks) == len(set(marks)) == len(s.questions)
+    assert (s.question, s.answer) in s.questions
+
+
+def test_doc_page_is_dense():
+    """Candidate evidence is at least 3x the 32 tokens a budget-64 keep-set selects per head."""
+    for s in vqa.dataset("test", 20, task="doc"):
+        digits = sum(o[2] == "digit" for o in s.objects)
+        assert digits >= 3 * 32
+        assert vqa.MIN_MARKS <= len(s.questions) <= vqa.MAX_MARKS
+    small = vqa.sample("train", 0, task="doc", grid=5)
+    assert small.image.size == (5 * vqa.CELL, 5 * vqa.CELL)
+    with pytest.raises(ValueError, match="at least"):
+        vqa.sample("train", 0, task="doc", grid=4)
+
+
+def test_doc_answers_are_one_token_per_digit():
+    """Any tokenizer of ``tiny`` splits digits one by one: the answer is its evidence tokens."""
+    tok = tiny.build_tokenizer()
+    for s in vqa.dataset("val", 10, task="doc"):
+        ids = tok.encode(s.answer, add_special_tokens=False).ids
+        assert [tok.decode([i]) for i in ids] == list(s.answer)
+        colour = s.question.split()[-2]
+        assert len(tok.encode(" " + colour, add_special_tokens=False).ids) == 1
+
+
+def test_doc_training_batch_supervises_every_mark():
+    """Follow-ups of a document page are its other marks' questions; the evidence metric
+    counts every answer digit."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(vqa.MODEL_DIR)
+    s = vqa.sample("train", 7, task="doc", grid=10)
+    turns = train.follow_ups(s, 10, seed=0)
+    assert sorted([(s.question, s.answer), *turns]) == sorted(s.questions)
+    b = train.make_batch(tokenizer, [s], turns=[turns])
+    digits = torch.tensor([tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)])
+    labels = b.labels[0][b.labels[0] != -100]
+    assert int(torch.isin(labels, digits).sum()) == sum(len(a) for _, a in s.questions)
+    assert int((b.input_ids == tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()) == 100
+    logits = torch.nn.functional.one_hot(b.labels.clamp(min=0).roll(-1, 1), 1024).float()
+    assert train.evidence_match(logits, b.labels, 0, 0, digits) == 1.0
+
+
+def test_spec_of_sets_the_depth():
+    spec = train.spec_of(argparse.Namespace(layers=8))
+    assert spec.num_hidden_layers == 8 and spec.vision_depth == train.SPEC.vision_depth
