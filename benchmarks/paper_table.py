@@ -23,6 +23,9 @@ candidates per KV head on average).
   questions). A variable-budget method at nominal budget ``b`` holds more than ``b``.
 - Exact match with a Wilson 95% interval; each +BACON vs base pair gets an exact McNemar
   test (two-sided binomial on the discordant questions).
+- ``no image``: every layer and head keeps all text tokens and no image token (offline): does
+  the answer depend on the image? Compared with ``chance``, the share of the most frequent
+  expected answer among the questions (what a model that ignores the image can at best get).
 
 Outputs ``paper_table_<task>.{md,json}`` in ``--out``.
 """
@@ -99,8 +102,18 @@ def policy_for(method: str, head_scores):
     return make_policy(method)
 
 
+NO_IMAGE = "no-image"  # the row without image KV (every text token kept, no image token)
+
+
+def text_only_keep(inputs: dict, layers: int, kv_heads: int) -> torch.Tensor:
+    """``[layers, Hkv, n_text]``: every prompt position that is not an image token."""
+    text = (inputs["mm_token_type_ids"][0] == 0).nonzero().flatten()
+    return text.expand(layers, kv_heads, -1)
+
+
 def offline_rows(model_path: Path, samples, methods, budgets) -> dict:
-    """``{(method, budget): {"answers": [...], "slots": [...]}}`` of the offline methods."""
+    """``{(method, budget): {"answers": [...], "slots": [...]}}`` of the offline methods, and
+    ``(NO_IMAGE, None)``: the answers with every image token dropped from the cache."""
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
     def load(impl):
@@ -112,12 +125,18 @@ def offline_rows(model_path: Path, samples, methods, budgets) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     eos = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     heads = visual_heads.load(model_path) if any("sparsemm" in m for m in methods) else ()
-    kv_heads = model.config.get_text_config().num_key_value_heads
+    text_config = model.config.get_text_config()
+    kv_heads, layers = text_config.num_key_value_heads, text_config.num_hidden_layers
     out = {(m, b): {"answers": [], "slots": []} for m in methods for b in budgets}
+    out[(NO_IMAGE, None)] = {"answers": [], "slots": []}
     for i, s in enumerate(samples):
         inputs = train.make_batch(tokenizer, [s], with_answers=False).inputs()
         windows = window_attentions(eager, inputs, WINDOW)
         full = prefill(model, inputs)
+        keep = text_only_keep(inputs, layers, kv_heads)
+        tokens, _ = decode_with_keep_sets(model, inputs, keep, MAX_NEW, stop=eos, prefilled=full)
+        out[(NO_IMAGE, None)]["answers"].append(tokenizer.decode(tokens, skip_special_tokens=True))
+        out[(NO_IMAGE, None)]["slots"].append(slots_held(keep))
         for m in methods:
             policy = policy_for(m, heads)
             for b in budgets:
@@ -194,8 +213,19 @@ def summarise(samples, answers: dict, slots: dict, agreement: dict, budgets) -> 
     return {"rows": rows, "mcnemar": tests}
 
 
+def chance(expected: list[str]) -> float:
+    """Share of the most frequent expected answer: the best exact match without the image."""
+    return max(expected.count(a) for a in set(expected)) / len(expected)
+
+
+def render(record: dict) -> str:
+    """The markdown of a run's JSON record (what the run printed and wrote)."""
+    return markdown(record, record["budgets"], record["questions"], record["task"])
+
+
 def markdown(result: dict, budgets, n: int, task: str) -> str:
-    """Two tables: exact match [95% CI] and slots per method and budget; McNemar per pair."""
+    """Two tables: exact match [95% CI] and slots per method and budget; McNemar per pair;
+    the no-image row against chance when ``result`` has it (and ``expected``)."""
     rows = {(r["method"], r["budget"]): r for r in result["rows"]}
     head = " | ".join(f"budget {b}" for b in budgets)
     lines = [
@@ -237,6 +267,14 @@ def markdown(result: dict, budgets, n: int, task: str) -> str:
                 "-" if t is None else f"{t['base_only']} / {t['other_only']}, p={t['p']:.3g}"
             )
         lines.append(f"| {base} | {' | '.join(cells)} |")
+    no_image = rows.get((NO_IMAGE, None))
+    if no_image and result.get("expected"):
+        low, high = no_image["ci95"]
+        lines.append(
+            f"\nno image KV (all {no_image['slots']:.0f} text tokens kept, no image token): "
+            f"{no_image['exact_match']:.3f} [{low:.2f}, {high:.2f}]; chance (most frequent "
+            f"answer): {chance(result['expected']):.3f}"
+        )
     agree = [
         r["server_offline_agreement"] for r in result["rows"] if "server_offline_agreement" in r
     ]
@@ -282,7 +320,9 @@ def merge(paths: list[Path], out: Path | None) -> dict:
     }
     out = Path(out) if out else results_dir(record["machine"])
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(result, first["budgets"], n, first["task"])
+    table = markdown(
+        {**result, "expected": [s.answer for s in samples]}, first["budgets"], n, first["task"]
+    )
     (out / f"paper_table_{first['task']}.md").write_text(table + "\n")
     (out / f"paper_table_{first['task']}.json").write_text(json.dumps(record, indent=1) + "\n")
     print(table)
@@ -314,7 +354,8 @@ def run(args: argparse.Namespace) -> dict:
                 prompt_len = _prompt_len(args.model_path, samples[0])
             slots[(method, b)] = min(b, prompt_len)
     result = summarise(samples, answers, slots, agreement, budgets)
-    table = markdown(result, budgets, len(samples), args.task)
+    expected = [s.answer for s in samples]
+    table = markdown({**result, "expected": expected}, budgets, len(samples), args.task)
     record = {
         "model": str(args.model_path),
         "task": args.task,
@@ -327,7 +368,7 @@ def run(args: argparse.Namespace) -> dict:
         "seconds": {"served": round(served_s), "total": round(time.perf_counter() - start)},
         **result,
         "answers": {f"{m}@{b}": texts for (m, b), texts in answers.items()},
-        "expected": [s.answer for s in samples],
+        "expected": expected,
     }
     out = Path(args.out) if args.out else results_dir(record["machine"])
     out.mkdir(parents=True, exist_ok=True)

@@ -113,6 +113,18 @@ def markdown(mean: torch.Tensor, n: int, task: str) -> str:
     return "\n".join(lines)
 
 
+def mean_from_record(record: dict) -> torch.Tensor:
+    """``[layers, scores, Ks]`` mean recalls of a run's JSON record."""
+    return torch.tensor(
+        [[[v for v in record["recall"][s][str(k)]] for k in record["ks"]] for s in record["scores"]]
+    ).permute(2, 0, 1)
+
+
+def render(record: dict) -> str:
+    """The markdown table of a run's JSON record (what the run printed and wrote)."""
+    return markdown(mean_from_record(record), record["questions"], record["task"])
+
+
 def plot(mean: torch.Tensor, task: str, path: Path) -> None:
     import matplotlib
 

@@ -21,7 +21,9 @@ from pathlib import Path
 import accuracy
 import demo_time
 import evidence_retention
+import paper_table
 import prefix_reuse
+import premise
 import serving
 
 from bacon_sglang.models import vqa
@@ -57,7 +59,16 @@ MARKERS = {  # README block: (first line, last line); the text between is writte
         "<!-- demo output: written by benchmarks/report.py from the JSON -->",
         "<!-- end of demo output -->",
     ),
+    "premise": (
+        "<!-- premise: written by benchmarks/report.py from the JSON -->",
+        "<!-- end of premise -->",
+    ),
+    "paper table": (
+        "<!-- paper table: written by benchmarks/report.py from the JSON -->",
+        "<!-- end of paper table -->",
+    ),
 }
+TASKS = ("shapes", "doc")  # the VQA tasks, in the order their tables are shown
 POLICY_NAMES = {"none": "full cache", "snapkv": "SnapKV", "bacon": "BACON"}
 
 
@@ -214,6 +225,83 @@ def kernels_section(paths: list[Path]) -> str:
     return "\n\n".join(parts)
 
 
+def task_results(stem: str) -> list[Path]:
+    """The newest ``<stem>_<task>.json`` of each task that has one, in :data:`TASKS` order."""
+    found = []
+    for task in TASKS:
+        try:
+            found.append(serving.latest_result(f"{stem}_{task}.json"))
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def premise_overview() -> str:
+    """One row per task: each score's evidence recall at each K, mean over layers."""
+    records = [json.loads(p.read_text()) for p in task_results("premise")]
+    ks, scores = premise.KS, premise.SCORES
+    head = " | ".join(f"{s}@{k}" for k in ks for s in scores)
+    lines = [f"| task (layers, questions) | {head} |", "|---|" + "---|" * (len(ks) * len(scores))]
+    for r in records:
+        per_layer = premise.mean_from_record(r)  # [layers, scores, Ks], as its own table
+        mean = per_layer.mean(0)
+        cells = " | ".join(
+            f"{float(mean[i, j]):.2f}" for j in range(len(ks)) for i in range(len(scores))
+        )
+        lines.append(f"| {r['task']} ({per_layer.shape[0]}, {r['questions']}) | {cells} |")
+    return "\n".join(lines)
+
+
+def premise_section() -> str:
+    parts = [
+        "## Quality: BACON's premise (evidence recall per score)",
+        "`python benchmarks/premise.py --task TASK`: per layer, the share of the answer's "
+        "evidence tokens in each KV head's top-K candidates by the window mean `B`, the last "
+        "query `Q`, BACON's calibrated `S` and the answer tokens' own attention `D`; mean over "
+        "heads and questions.",
+    ]
+    for path in task_results("premise"):
+        record = json.loads(path.read_text())
+        parts += [
+            f"### {record['task']} task",
+            f"{machine_line(record['machine'])}; {record['seconds']} s. "
+            + files(path, path.with_suffix(".png")),
+            premise.render(record),
+        ]
+    return "\n\n".join(parts)
+
+
+def paper_table_section() -> str:
+    parts = [
+        "## Quality: the paper's table (4 base methods x base/+BACON)",
+        "`python benchmarks/paper_table.py --task TASK`: exact match [Wilson 95% CI] (KV slots "
+        "a request holds in SGLang's shared pool); exact McNemar test of each +BACON vs base "
+        "pair; `(server)` rows were served by SGLang and decoded again by transformers.",
+    ]
+    for path in task_results("paper_table"):
+        record = json.loads(path.read_text())
+        parts += [
+            f"### {record['task']} task",
+            f"{machine_line(record['machine'])}; {record['seconds']['total']} s. " + files(path),
+            paper_table.render(record),
+        ]
+        served = path.with_name(path.stem + "_served.json")
+        if served.exists():
+            parts += [
+                "The uniform rows served by SGLang (`benchmarks/accuracy.py`), each answer "
+                "also decoded by transformers from the server's keep-sets. " + files(served),
+                accuracy.render(json.loads(served.read_text())),
+            ]
+    return "\n\n".join(parts)
+
+
+def paper_tables() -> str:
+    """The README's copy of every task's paper table (the newest run of each)."""
+    return "\n\n".join(
+        paper_table.render(json.loads(p.read_text())) for p in task_results("paper_table")
+    )
+
+
 def demo_section(path: Path) -> str:
     record = json.loads(path.read_text())
     return "\n\n".join(
@@ -272,6 +360,12 @@ def run_tables() -> dict[Path, str]:
         "kernels_cpu.json": kernels.render,
         "kernels_gpu.json": kernels.render,
     }
+    for task in TASKS:
+        renderers |= {
+            f"premise_{task}.json": premise.render,
+            f"paper_table_{task}.json": paper_table.render,
+            f"paper_table_{task}_served.json": accuracy.render,
+        }
     return {
         path.with_suffix(".md"): renderers[path.name](json.loads(path.read_text())) + "\n"
         for path in sorted(RESULTS.glob("**/*.json"))
@@ -286,6 +380,8 @@ def results_readme() -> str:
         serving_section(serving.latest_result("serving.json")),
         prefix_reuse_section(serving.latest_result("prefix_reuse.json")),
         scale_out_section(sorted(RESULTS.glob("*/serving_workers*.json"))),
+        premise_section(),
+        paper_table_section(),
         evidence_section(RESULTS / "evidence_retention.json"),
         kernels_section(sorted(RESULTS.glob("kernels_*.json"))),
         demo_section(serving.latest_result("demo_time.json")),
@@ -405,6 +501,8 @@ def readme() -> str:
     """The repository README with its generated blocks up to date."""
     text = with_block(README.read_text(), "summary", summary())
     text = with_block(text, "demo output", demo_output())
+    text = with_block(text, "premise", premise_overview())
+    text = with_block(text, "paper table", paper_tables())
     return with_block(text, "demo", demo_timing())
 
 

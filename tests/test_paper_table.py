@@ -42,7 +42,7 @@ def test_paper_table_smoke_offline(tmp_path):
     args = paper_table.parse_args(["--smoke", "--offline-only", "--out", str(tmp_path)])
     record = paper_table.run(args)
     rows = {(r["method"], r["budget"]): r for r in record["rows"]}
-    assert set(rows) == {("full", None)} | {
+    assert set(rows) == {("full", None), (paper_table.NO_IMAGE, None)} | {
         (m, b) for m in paper_table.method_names() for b in (64, 48)
     }
     for b in (64, 48):
@@ -56,9 +56,16 @@ def test_paper_table_smoke_offline(tmp_path):
         assert low <= r["exact_match"] <= high
     assert len(record["mcnemar"]) == 4 * 2
     assert rows[("full", None)]["exact_match"] >= 0.75
+    # no image KV: every text token of the prompt kept, none of its 256 image tokens
+    from bacon_sglang.models import vqa
+
+    lengths = [paper_table._prompt_len(args.model_path, s) - 256 for s in vqa.dataset("test", 4)]
+    assert rows[(paper_table.NO_IMAGE, None)]["slots"] == sum(lengths) / 4
     saved = json.loads((tmp_path / "paper_table_shapes_smoke.json").read_text())
     assert saved["rows"] == record["rows"]
-    assert "McNemar" in (tmp_path / "paper_table_shapes_smoke.md").read_text()
+    table = (tmp_path / "paper_table_shapes_smoke.md").read_text()
+    assert "McNemar" in table and "no image KV" in table
+    assert paper_table.render(saved) + "\n" == table  # report.py renders the same table
 
 
 def test_merge_of_shards_recomputes_the_table(tmp_path):

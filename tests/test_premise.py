@@ -66,3 +66,5 @@ def test_premise_smoke(tmp_path):
     saved = json.loads((tmp_path / "premise_shapes_smoke.json").read_text())
     assert saved["recall"] == record["recall"]
     assert (tmp_path / "premise_shapes_smoke.png").stat().st_size > 0
+    # report.py renders the same table from the JSON
+    assert premise.render(saved) + "\n" == (tmp_path / "premise_shapes_smoke.md").read_text()
