@@ -327,6 +327,7 @@ def train(args: argparse.Namespace) -> dict:
             grids=(grid,),
             distinct_fraction=args.distinct_fraction,
             task=args.task,
+            max_marks=1 if done < args.single_mark_fraction else None,
         )
         turns = [follow_ups(s, args.follow_ups, seen + j) for j, s in enumerate(samples)]
         seen += batch
@@ -410,6 +411,7 @@ def _save(
         "text_fraction": args.text_fraction,
         "follow_ups": args.follow_ups,
         "distinct_fraction": args.distinct_fraction,
+        "single_mark_fraction": args.single_mark_fraction,
         "init": str(args.init) if args.init else None,
         "small_grids": list(args.small_grids),
         "small_fraction": args.small_fraction,
@@ -465,6 +467,12 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=0.0,
         help="share of training images whose objects all have different colours",
+    )
+    parser.add_argument(
+        "--single-mark-fraction",
+        type=float,
+        default=0.0,
+        help="document task: share of training (from the start) whose pages carry one mark",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--offset", type=int, default=0, help="first train-split index")

@@ -276,18 +276,21 @@ def doc_question(colour: str) -> str:
     return f"What number follows the {colour} mark?"
 
 
-def doc_sample(rng: np.random.Generator, grid: int = GRID) -> VQASample:
+def doc_sample(
+    rng: np.random.Generator, grid: int = GRID, max_marks: int | None = None
+) -> VQASample:
     """A ``grid`` x ``grid`` page (``grid >= SLOT``): ``grid // SLOT`` slots per row, each a
-    cue cell and a 2-4 digit word; 3-7 cue cells (fewer on small pages) hold a mark of a
-    distinct colour. The question asks for the word after one mark; ``evidence`` is that
-    word's cells, left to right."""
+    cue cell and a 2-4 digit word; 3-7 cue cells (fewer on small pages, at most
+    ``max_marks``: a training curriculum) hold a mark of a distinct colour. The question asks
+    for the word after one mark; ``evidence`` is that word's cells, left to right."""
     if grid < SLOT:
         raise ValueError(f"a document page needs at least {SLOT} columns, not {grid}")
     per_row = grid // SLOT
     slots = grid * per_row
     lengths = rng.integers(MIN_WORD, MAX_WORD + 1, size=slots)
     digits = rng.integers(10, size=(slots, MAX_WORD))
-    n_marks = int(rng.integers(min(MIN_MARKS, slots), min(MAX_MARKS, slots) + 1))
+    most = min(MAX_MARKS, slots, max_marks or MAX_MARKS)
+    n_marks = int(rng.integers(min(MIN_MARKS, most), most + 1))
     marked = rng.choice(slots, size=n_marks, replace=False)
     colours = rng.choice(len(MARK_COLOURS), size=n_marks, replace=False)
     target = int(rng.integers(n_marks))
@@ -327,15 +330,16 @@ def sample(
     grid: int = GRID,
     distinct_fraction: float = 0.0,
     task: str = "shapes",
+    max_marks: int | None = None,
 ) -> VQASample:
     """Sample ``index`` of ``split``: the text task with probability ``text_fraction``,
     otherwise an image question (colour or shape, even odds) on a ``grid`` x ``grid`` image,
     whose objects all differ in colour with probability ``distinct_fraction`` (training only,
     see :func:`image_sample`). A fraction of 0 draws nothing, so the splits stay as they are.
-    ``task="doc"`` gives the document task instead (:func:`doc_sample`; the fractions are
-    ignored)."""
+    ``task="doc"`` gives the document task instead (:func:`doc_sample`, with at most
+    ``max_marks`` marks; the fractions are ignored)."""
     if task == "doc":
-        return doc_sample(doc_rng_for(split, index), grid=grid)
+        return doc_sample(doc_rng_for(split, index), grid=grid, max_marks=max_marks)
     if task != "shapes":
         raise ValueError(f"unknown task {task!r}; known: shapes, doc")
     rng = rng_for(split, index)
@@ -353,6 +357,7 @@ def dataset(
     grids: tuple[int, ...] = (),
     distinct_fraction: float = 0.0,
     task: str = "shapes",
+    max_marks: int | None = None,
 ) -> list[VQASample]:
     """Samples ``start .. start + n - 1`` of ``split`` (see :func:`sample`); sample ``i`` uses
     the grid ``grids[i % len(grids)]`` (default: :data:`GRID`)."""
@@ -364,6 +369,7 @@ def dataset(
             grids[i % len(grids)] if grids else GRID,
             distinct_fraction,
             task,
+            max_marks,
         )
         for i in range(start, start + n)
     ]
