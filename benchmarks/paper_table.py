@@ -320,9 +320,7 @@ def merge(paths: list[Path], out: Path | None) -> dict:
     }
     out = Path(out) if out else results_dir(record["machine"])
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(
-        {**result, "expected": [s.answer for s in samples]}, first["budgets"], n, first["task"]
-    )
+    table = render(record)
     (out / f"paper_table_{first['task']}.md").write_text(table + "\n")
     (out / f"paper_table_{first['task']}.json").write_text(json.dumps(record, indent=1) + "\n")
     print(table)
@@ -354,8 +352,6 @@ def run(args: argparse.Namespace) -> dict:
                 prompt_len = _prompt_len(args.model_path, samples[0])
             slots[(method, b)] = min(b, prompt_len)
     result = summarise(samples, answers, slots, agreement, budgets)
-    expected = [s.answer for s in samples]
-    table = markdown({**result, "expected": expected}, budgets, len(samples), args.task)
     record = {
         "model": str(args.model_path),
         "task": args.task,
@@ -368,8 +364,9 @@ def run(args: argparse.Namespace) -> dict:
         "seconds": {"served": round(served_s), "total": round(time.perf_counter() - start)},
         **result,
         "answers": {f"{m}@{b}": texts for (m, b), texts in answers.items()},
-        "expected": expected,
+        "expected": [s.answer for s in samples],
     }
+    table = render(record)
     out = Path(args.out) if args.out else results_dir(record["machine"])
     out.mkdir(parents=True, exist_ok=True)
     stem = f"paper_table_{args.task}" + ("_smoke" if args.smoke else "")

@@ -116,7 +116,7 @@ def markdown(mean: torch.Tensor, n: int, task: str) -> str:
 def mean_from_record(record: dict) -> torch.Tensor:
     """``[layers, scores, Ks]`` mean recalls of a run's JSON record."""
     return torch.tensor(
-        [[[v for v in record["recall"][s][str(k)]] for k in record["ks"]] for s in record["scores"]]
+        [[record["recall"][s][str(k)] for k in record["ks"]] for s in record["scores"]]
     ).permute(2, 0, 1)
 
 
