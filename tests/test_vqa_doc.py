@@ -48,52 +48,47 @@ def test_shapes_task_streams_are_unchanged():
     assert digest == "00d6d3dfdbd79a8347ad4e75725cd17ced1ae37763800e94ae77b85b1268d53a"
 
 
-def _read_cell(pixels: np.ndarray, row: int, col: int) -> str:
-    """What a page cell shows, read back from its pixels: a digit, ``mark:<colour>`` or ``""``."""
+def _read_cell(pixels: np.ndarray, row: int, col: int) -> tuple[str, str]:
+    """What a page cell shows, read back from its pixels: ``(digit, ink colour)``, or
+    ``("", "")`` for an empty cell."""
     cell = pixels[row * vqa.CELL : (row + 1) * vqa.CELL, col * vqa.CELL : (col + 1) * vqa.CELL]
     if (cell == 255).all():
-        return ""
-    centre = tuple(int(v) for v in cell[vqa.CELL // 2, vqa.CELL // 2])
-    colours = {rgb: name for name, rgb in vqa.COLOURS.items()}
-    if centre in colours and centre != vqa.COLOURS["black"]:
-        return f"mark:{colours[centre]}"
+        return "", ""
     x0, y0 = (vqa.CELL - 3 * vqa.DIGIT_SCALE) // 2, (vqa.CELL - 5 * vqa.DIGIT_SCALE) // 2
     half = vqa.DIGIT_SCALE // 2
-    bits = tuple(
-        "".join(
-            "1"
-            if cell[y0 + y * vqa.DIGIT_SCALE + half, x0 + x * vqa.DIGIT_SCALE + half, 0] == 0
-            else "0"
-            for x in range(3)
-        )
+    centres = [
+        [cell[y0 + y * vqa.DIGIT_SCALE + half, x0 + x * vqa.DIGIT_SCALE + half] for x in range(3)]
         for y in range(5)
-    )
-    return {glyph: d for d, glyph in vqa.DIGIT_FONT.items()}[bits]
+    ]
+    bits = tuple("".join("0" if (px == 255).all() else "1" for px in line) for line in centres)
+    inks = {tuple(int(v) for v in px) for line in centres for px in line if not (px == 255).all()}
+    (ink,) = inks  # one colour per glyph
+    colours = {rgb: name for name, rgb in vqa.COLOURS.items()}
+    return {glyph: d for d, glyph in vqa.DIGIT_FONT.items()}[bits], colours[ink]
 
 
 @pytest.mark.parametrize("index", range(4))
-def test_doc_answer_is_in_the_image_after_its_mark(index):
+def test_doc_answer_is_the_word_printed_in_the_asked_colour(index):
     s = vqa.sample("test", index, task="doc")
     pixels = np.asarray(s.image)
     assert s.image.size == (vqa.IMAGE_SIZE, vqa.IMAGE_SIZE)
-    (row, col0), *_ = s.evidence
-    colour = s.question.removeprefix("What number follows the ").removesuffix(" mark?")
-    assert _read_cell(pixels, row, col0 - 1) == f"mark:{colour}"
-    read = "".join(_read_cell(pixels, r, c) for r, c in s.evidence)
+    colour = s.question.removeprefix("What number is printed in ").removesuffix("?")
+    cells = {(r, c): _read_cell(pixels, r, c) for r in range(vqa.GRID) for c in range(vqa.GRID)}
+    assert sorted(cell for cell, (_, ink) in cells.items() if ink == colour) == list(s.evidence)
+    read = "".join(cells[cell][0] for cell in s.evidence)
     assert read == s.answer and vqa.MIN_WORD <= len(read) <= vqa.MAX_WORD
-    after = _read_cell(pixels, row, col0 + len(read))
-    assert not after.isdigit()  # the word ends where the answer ends
-    # Every mark colour is used at most once, and each question's answer is its word.
-    marks = [_read_cell(pixels, r, c) for r in range(vqa.GRID) for c in range(vqa.GRID)]
-    marks = [m for m in marks if m.startswith("mark:")]
-    assert len(marks) == len(set(marks)) == len(s.questions)
-    assert (s.question, s.answer) in s.questions
+    (row, col0), *_ = s.evidence
+    assert cells[row, col0 - 1] == ("", "")  # the word starts after an empty cell ...
+    assert not cells.get((row, col0 + len(read)), ("", ""))[0]  # ... and ends with the answer
+    # Every colour but black prints one word, and each question's answer is that word.
+    inks = {ink for _, ink in cells.values()} - {"", "black"}
+    assert len(inks) == len(s.questions) and (s.question, s.answer) in s.questions
 
 
 def test_doc_page_is_dense():
     """Candidate evidence is at least 3x the 32 tokens a budget-64 keep-set selects per head."""
     for s in vqa.dataset("test", 20, task="doc"):
-        digits = sum(o[2] == "digit" for o in s.objects)
+        digits = len(s.objects)  # one object per digit cell
         assert digits >= 3 * 32
         assert vqa.MIN_MARKS <= len(s.questions) <= vqa.MAX_MARKS
     small = vqa.sample("train", 0, task="doc", grid=5)
@@ -108,12 +103,12 @@ def test_doc_answers_are_one_token_per_digit():
     for s in vqa.dataset("val", 10, task="doc"):
         ids = tok.encode(s.answer, add_special_tokens=False).ids
         assert [tok.decode([i]) for i in ids] == list(s.answer)
-        colour = s.question.split()[-2]
+        colour = s.question.split()[-1].removesuffix("?")
         assert len(tok.encode(" " + colour, add_special_tokens=False).ids) == 1
 
 
-def test_doc_training_batch_supervises_every_mark():
-    """Follow-ups of a document page are its other marks' questions; the evidence metric
+def test_doc_training_batch_supervises_every_coloured_word():
+    """Follow-ups of a document page are its other coloured words' questions; the evidence metric
     counts every answer digit."""
     from transformers import AutoTokenizer
 
@@ -133,3 +128,18 @@ def test_doc_training_batch_supervises_every_mark():
 def test_spec_of_sets_the_depth():
     spec = train.spec_of(argparse.Namespace(layers=8))
     assert spec.num_hidden_layers == 8 and spec.vision_depth == train.SPEC.vision_depth
+
+
+def test_curriculum_pages():
+    """``grid=(rows, columns)`` pages for the training curriculum: a one-line page holds one
+    word, printed in colour."""
+    assert train.parse_grids("1x5,2x5,10") == ((1, 5), (2, 5), 10)
+    line = vqa.sample("train", 3, task="doc", grid=(1, 5))
+    assert line.image.size == (5 * vqa.CELL, vqa.CELL) and len(line.questions) == 1
+    pixels = np.asarray(line.image)
+    read = [_read_cell(pixels, 0, c) for c in range(5)]
+    assert read[0] == ("", "") and "".join(d for d, _ in read) == line.answer
+    page = vqa.sample("train", 3, task="doc", grid=(3, 10))
+    assert page.image.size == (10 * vqa.CELL, 3 * vqa.CELL)
+    assert vqa.MIN_MARKS <= len(page.questions) <= 3 * 2  # at most one per slot
+    assert all(r < 3 and c < 10 for r, c in page.evidence)

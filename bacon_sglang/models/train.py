@@ -227,12 +227,23 @@ def lr_at(step: int, done: float, lr: float, warmup: int) -> float:
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, done))))
 
 
-def small_grid(grids: tuple[int, ...], step: int, done: float) -> int:
+def small_grid(
+    grids: tuple[int | tuple[int, int], ...], step: int, done: float
+) -> int | tuple[int, int]:
     """The grid of a small-grid step: one grid per step (no padding to the largest), cycling
     through the first ``k`` of ``grids``, ``k`` growing from 1 to all of them as the share
     ``done`` of the small-grid phase grows (the easiest images first)."""
     k = min(len(grids), 1 + int(done * len(grids)))
     return grids[step % k]
+
+
+def parse_grids(value: str) -> tuple[int | tuple[int, int], ...]:
+    """``"1x5,2x5,10"`` -> ``((1, 5), (2, 5), 10)``: the ``--small-grids`` list."""
+    grids: list[int | tuple[int, int]] = []
+    for item in value.split(","):
+        rows, _, cols = item.partition("x")
+        grids.append((int(rows), int(cols)) if cols else int(rows))
+    return tuple(grids)
 
 
 def spec_of(args: argparse.Namespace) -> tiny.TinyQwen2VLSpec:
@@ -344,7 +355,7 @@ def train(args: argparse.Namespace) -> dict:
         elapsed = time.perf_counter() - start
         if step % args.log_every == 0:
             logger.info(
-                "step %d grid %d loss %.4f (smoothed %.4f) evidence right %.2f %.0f s",
+                "step %d grid %s loss %.4f (smoothed %.4f) evidence right %.2f %.0f s",
                 step, grid, loss.item(), smooth, match, elapsed,
             )  # fmt: skip
         if args.eval_every and (step + 1) % args.eval_every == 0:
@@ -451,9 +462,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--small-grids",
-        type=lambda v: tuple(int(x) for x in v.split(",")),
+        type=parse_grids,
         default=(2, 3, 4, 6, 8),
-        help="grid sizes of the cheap early steps, easiest first (comma-separated)",
+        help="grid sizes of the cheap early steps, easiest first (comma-separated; N for N x N"
+        " cells, RxC for R rows of C columns: document task)",
     )
     parser.add_argument(
         "--small-fraction", type=float, default=0.7, help="share of training on small grids"
@@ -472,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
         "--single-mark-fraction",
         type=float,
         default=0.0,
-        help="document task: share of training (from the start) whose pages carry one mark",
+        help="document task: share of training (from the start) with one coloured word per page",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--offset", type=int, default=0, help="first train-split index")

@@ -27,17 +27,23 @@ shape names are short fixed token sequences.
 Document task (:func:`doc_sample`, ``task="doc"``; its own split seeds
 :data:`DOC_SPLIT_SEEDS`): a dense page of short numbers. The same 16 x 16 grid of 28-px cells
 is cut into 5-cell slots (three per row, the last column empty); every slot holds a *word* of 2-4
-adjacent digit glyphs (a 3 x 5 bitmap font drawn 4x, black on white) after its cue cell, and a
-few cue cells (3-7) hold a coloured square, each colour at most once. One question points at
-one word through its mark; the answer starts with the evidence and is the whole word::
+adjacent digit glyphs (a 3 x 5 bitmap font drawn 4x on white) after an empty separator cell.
+Most words are printed in black; a few (3-7) are printed in colour, each colour at most once.
+One question points at one word through its ink; the answer starts with the evidence and is the
+whole word::
 
-    doc  "What number follows the blue mark?"  -> "0471"
+    doc  "What number is printed in blue?"  -> "0471"
 
 About 144 of the 256 image tokens are digits, so the candidate evidence is several times what a
 budget-64 keep-set (32 selected tokens per head) can hold. Every digit is a single token of any
 tokenizer built by :mod:`bacon_sglang.models.tiny` (Qwen2's pre-tokenizer splits digits one by
 one), so the answer is 2-4 evidence tokens plus ``<|im_end|>``: the first comes from the
 full-cache prefill, the others from decode steps that read the (compressed) cache.
+
+(A first version put a coloured square in the separator cell and asked for "the number that
+follows the blue mark": an 8-layer model stayed at chance on it for 3,330 steps, because
+finding the mark and reading the cells after it each give no gradient until the other works.
+With the colour in the word's own glyphs every evidence token carries its cue.)
 """
 
 from __future__ import annotations
@@ -87,10 +93,10 @@ KINDS: tuple[str, ...] = ("colour", "shape", "text", "doc")
 
 # Document task: its splits never share a stream with the shapes task's.
 DOC_SPLIT_SEEDS: dict[str, int] = {"train": 10, "val": 11, "test": 12}
-SLOT = 5  # cells per slot: the cue cell and up to 4 digits
+SLOT = 5  # cells per slot: an empty separator cell and up to 4 digits
 MIN_WORD, MAX_WORD = 2, 4
 MIN_MARKS, MAX_MARKS = 3, 7
-MARK_COLOURS: tuple[str, ...] = tuple(c for c in COLOURS if c != "black")  # ink is black
+MARK_COLOURS: tuple[str, ...] = tuple(c for c in COLOURS if c != "black")  # other words: black
 DIGIT_SCALE = 4  # px per font pixel: a digit is 12 x 20 px, centred in its cell
 # 3 x 5 bitmap font (rows top to bottom, "1" = ink).
 DIGIT_FONT: dict[str, tuple[str, ...]] = {
@@ -246,47 +252,59 @@ def text_sample(rng: np.random.Generator) -> VQASample:
     )
 
 
-def draw_digit(draw: ImageDraw.ImageDraw, row: int, col: int, digit: str) -> None:
-    """Draw ``digit`` (:data:`DIGIT_FONT`, black) centred in grid cell ``(row, col)``."""
-    glyph = DIGIT_FONT[digit]
+def draw_digit(
+    draw: ImageDraw.ImageDraw, row: int, col: int, digit: str, ink: str = "black"
+) -> None:
+    """Draw ``digit`` (:data:`DIGIT_FONT`, in colour ``ink``) centred in grid cell
+    ``(row, col)``."""
+    glyph, fill = DIGIT_FONT[digit], COLOURS[ink]
     x0 = col * CELL + (CELL - 3 * DIGIT_SCALE) // 2
     y0 = row * CELL + (CELL - 5 * DIGIT_SCALE) // 2
     for y, bits in enumerate(glyph):
         for x, bit in enumerate(bits):
             if bit == "1":
                 left, top = x0 + x * DIGIT_SCALE, y0 + y * DIGIT_SCALE
-                draw.rectangle([left, top, left + DIGIT_SCALE - 1, top + DIGIT_SCALE - 1], fill=0)
+                draw.rectangle(
+                    [left, top, left + DIGIT_SCALE - 1, top + DIGIT_SCALE - 1], fill=fill
+                )
 
 
-def render_doc(objects: tuple[tuple[int, int, str, str], ...], grid: int = GRID) -> Image.Image:
-    """The RGB page (``grid * 28`` px square) of ``objects`` = ``(row, col, "digit", d)`` or
-    ``(row, col, "mark", colour)`` on white."""
-    img = Image.new("RGB", (grid * CELL, grid * CELL), "white")
+def page_shape(grid: int | tuple[int, int]) -> tuple[int, int]:
+    """``(rows, columns)`` of a page: ``grid`` x ``grid``, or ``grid = (rows, columns)``."""
+    return grid if isinstance(grid, tuple) else (grid, grid)
+
+
+def render_doc(
+    objects: tuple[tuple[int, int, str, str], ...], grid: int | tuple[int, int] = GRID
+) -> Image.Image:
+    """The RGB page (:func:`page_shape` of ``grid``, 28 px per cell) of ``objects`` =
+    ``(row, col, digit, ink)`` on white."""
+    rows, cols = page_shape(grid)
+    img = Image.new("RGB", (cols * CELL, rows * CELL), "white")
     draw = ImageDraw.Draw(img)
-    for row, col, what, value in objects:
-        if what == "digit":
-            draw_digit(draw, row, col, value)
-        else:
-            draw_shape(draw, row, col, "square", value)
+    for row, col, digit, ink in objects:
+        draw_digit(draw, row, col, digit, ink)
     return img
 
 
 def doc_question(colour: str) -> str:
-    """The document task's question about the word after the ``colour`` mark."""
-    return f"What number follows the {colour} mark?"
+    """The document task's question about the word printed in ``colour``."""
+    return f"What number is printed in {colour}?"
 
 
 def doc_sample(
-    rng: np.random.Generator, grid: int = GRID, max_marks: int | None = None
+    rng: np.random.Generator, grid: int | tuple[int, int] = GRID, max_marks: int | None = None
 ) -> VQASample:
-    """A ``grid`` x ``grid`` page (``grid >= SLOT``): ``grid // SLOT`` slots per row, each a
-    cue cell and a 2-4 digit word; 3-7 cue cells (fewer on small pages, at most
-    ``max_marks``: a training curriculum) hold a mark of a distinct colour. The question asks
-    for the word after one mark; ``evidence`` is that word's cells, left to right."""
-    if grid < SLOT:
-        raise ValueError(f"a document page needs at least {SLOT} columns, not {grid}")
-    per_row = grid // SLOT
-    slots = grid * per_row
+    """A ``grid`` x ``grid`` page, or ``grid = (rows, columns)`` (training curricula; at least
+    ``SLOT`` columns): ``columns // SLOT`` slots per row, each an empty cell and a 2-4 digit
+    word; 3-7 words (fewer on small pages, at most ``max_marks``) are printed in distinct
+    colours, the rest in black. The question asks for the word of one colour; ``evidence`` is
+    that word's cells, left to right."""
+    rows, cols = page_shape(grid)
+    if cols < SLOT:
+        raise ValueError(f"a document page needs at least {SLOT} columns, not {cols}")
+    per_row = cols // SLOT
+    slots = rows * per_row
     lengths = rng.integers(MIN_WORD, MAX_WORD + 1, size=slots)
     digits = rng.integers(10, size=(slots, MAX_WORD))
     most = min(MAX_MARKS, slots, max_marks or MAX_MARKS)
@@ -294,17 +312,16 @@ def doc_sample(
     marked = rng.choice(slots, size=n_marks, replace=False)
     colours = rng.choice(len(MARK_COLOURS), size=n_marks, replace=False)
     target = int(rng.integers(n_marks))
+    ink = ["black"] * slots
+    for slot, c in zip(marked, colours, strict=True):
+        ink[int(slot)] = MARK_COLOURS[int(c)]
     objects, words = [], []
     for slot in range(slots):
         row, col = slot // per_row, (slot % per_row) * SLOT
         word = "".join(str(int(d)) for d in digits[slot, : int(lengths[slot])])
         words.append((row, col, word))
-        objects += [(row, col + 1 + i, "digit", d) for i, d in enumerate(word)]
-    questions = []
-    for slot, c in zip(marked, colours, strict=True):
-        row, col, word = words[int(slot)]
-        objects.append((row, col, "mark", MARK_COLOURS[int(c)]))
-        questions.append((doc_question(MARK_COLOURS[int(c)]), word))
+        objects += [(row, col + 1 + i, d, ink[slot]) for i, d in enumerate(word)]
+    questions = [(doc_question(ink[int(slot)]), words[int(slot)][2]) for slot in marked]
     row, col, word = words[int(marked[target])]
     objects_t = tuple(sorted(objects))
     return VQASample(
@@ -327,7 +344,7 @@ def sample(
     split: str,
     index: int,
     text_fraction: float = 0.0,
-    grid: int = GRID,
+    grid: int | tuple[int, int] = GRID,
     distinct_fraction: float = 0.0,
     task: str = "shapes",
     max_marks: int | None = None,
@@ -337,7 +354,8 @@ def sample(
     whose objects all differ in colour with probability ``distinct_fraction`` (training only,
     see :func:`image_sample`). A fraction of 0 draws nothing, so the splits stay as they are.
     ``task="doc"`` gives the document task instead (:func:`doc_sample`, with at most
-    ``max_marks`` marks; the fractions are ignored)."""
+    ``max_marks`` coloured words, on ``grid`` x ``grid`` cells or ``grid = (rows, columns)``;
+    the fractions are ignored)."""
     if task == "doc":
         return doc_sample(doc_rng_for(split, index), grid=grid, max_marks=max_marks)
     if task != "shapes":
@@ -354,7 +372,7 @@ def dataset(
     n: int,
     start: int = 0,
     text_fraction: float = 0.0,
-    grids: tuple[int, ...] = (),
+    grids: tuple[int | tuple[int, int], ...] = (),
     distinct_fraction: float = 0.0,
     task: str = "shapes",
     max_marks: int | None = None,
