@@ -292,7 +292,7 @@ def train(args: argparse.Namespace) -> dict:
     smooth = match = None
     seen = args.offset  # next train-split index
     small_steps = None  # the step at which the full-grid phase began
-    step, already = 0, 0.0
+    step, already, stages = 0, 0.0, []
     if args.resume:
         state = torch.load(Path(args.resume) / TRAINER_STATE, weights_only=False)
         model.load_state_dict(state["model"])
@@ -300,12 +300,16 @@ def train(args: argparse.Namespace) -> dict:
         step, seen, already = state["step"], state["seen"], state["seconds"]
         history, small_steps = state["history"], state["small_steps"]
         torch.set_rng_state(state["torch_rng"])
+        stages = state.get("stages", [])
         logger.info("resumed %s at step %d (%.0f s done)", args.resume, step, already)
+    stages.append(
+        {"from_step": step, "command": "python -m bacon_sglang.models.train " + " ".join(args.argv)}
+    )
     start = time.perf_counter() - already
     last_save = time.perf_counter()
 
     def save() -> dict:
-        args.small_steps, args.samples = small_steps, seen - args.offset
+        args.small_steps, args.samples, args.stages = small_steps, seen - args.offset, stages
         state = {
             "optimizer": opt.state_dict(),
             "step": step + 1,
@@ -314,13 +318,14 @@ def train(args: argparse.Namespace) -> dict:
             "history": history,
             "small_steps": small_steps,
             "torch_rng": torch.get_rng_state(),
+            "stages": stages,
         }
         return _save(model, work, out, args, step + 1, state["seconds"], history, spec, state)
 
     while True:
         elapsed = time.perf_counter() - start
         done = progress(step, elapsed, args)
-        if done >= 1.0:
+        if done >= 1.0 or step == args.until:
             break
         small = done < args.small_fraction
         if not small and small_steps is None:
@@ -414,6 +419,7 @@ def _save(
         "task": f"bacon_sglang.models.vqa, task {args.task!r} (train split)",
         "layers": spec.num_hidden_layers,
         "command": "python -m bacon_sglang.models.train " + " ".join(args.argv),
+        "stages": args.stages,  # every command of a resumed run, with its first step
         "seed": args.seed,
         "steps": steps,
         "batch": args.batch,
@@ -423,6 +429,7 @@ def _save(
         "follow_ups": args.follow_ups,
         "distinct_fraction": args.distinct_fraction,
         "single_mark_fraction": args.single_mark_fraction,
+        "until": args.until,
         "init": str(args.init) if args.init else None,
         "small_grids": list(args.small_grids),
         "small_fraction": args.small_fraction,
@@ -485,6 +492,13 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=0.0,
         help="document task: share of training (from the start) with one coloured word per page",
+    )
+    parser.add_argument(
+        "--until",
+        type=int,
+        default=None,
+        help="stop (and save) after this many steps, keeping the schedule of --steps: a stage"
+        " that a --resume with other settings continues",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--offset", type=int, default=0, help="first train-split index")

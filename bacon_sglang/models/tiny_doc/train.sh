@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# tiny_doc's training from scratch, stage after stage (see README.md next to this file).
+# Usage: bash bacon_sglang/models/tiny_doc/train.sh OUT   (from the repository root, with the
+# project's virtual environment active). Every stage saves OUT resumably (trainer_state.pt);
+# a stage that was stopped is continued by running this script again with the same OUT.
+set -euo pipefail
+OUT=${1:?usage: train.sh OUT}
+TRAIN="python -m bacon_sglang.models.train $OUT --task doc --layers 8 --small-batch 16
+  --batch 8 --follow-ups 6 --lr 1e-3 --warmup 50 --seed 0 --threads 2 --eval-n 48
+  --save-minutes 10"
+
+steps_done() {
+  python -c "import json, sys; print(json.load(open(sys.argv[1]))['steps'])" \
+    "$OUT/training.json" 2>/dev/null || echo 0
+}
+resume() { [ -f "$OUT/trainer_state.pt" ] && echo "--resume $OUT" || true; }
+
+# Stage 1: one-line pages first (one coloured word), then 2 and 3 lines, 5 x 5 and 10 x 10.
+if [ "$(steps_done)" -lt 2400 ]; then
+  $TRAIN $(resume) --steps 6000 --small-grids 1x5,2x5,3x5,5,10 --small-fraction 0.4 \
+    --eval-every 300 --log-every 10 --until 2400
+fi
+# Stage 2: without the one-line pages, small pages up to step 4200, then 16 x 16 pages.
+if [ "$(steps_done)" -lt 5100 ]; then
+  $TRAIN --resume "$OUT" --steps 6000 --small-grids 2x5,3x5,5,10 --small-fraction 0.7 \
+    --eval-every 300 --log-every 7 --until 5100
+fi
+# Stage 3: 16 x 16 pages; the cosine schedule stretched from 6000 to 6800 steps (the
+# learning rate at step 5100 goes from 1.0e-4 to 1.9e-4).
+$TRAIN --resume "$OUT" --steps 6800 --small-grids 2x5,3x5,5,10 --small-fraction 0.6 \
+  --eval-every 500 --log-every 7
