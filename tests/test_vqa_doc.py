@@ -168,3 +168,24 @@ def test_a_stopped_and_resumed_run_equals_the_straight_run(tmp_path):
     )
     assert straight.keys() == staged.keys()
     assert all(torch.equal(straight[k], staged[k]) for k in straight)
+
+
+def test_shipped_doc_checkpoint_layout():
+    """The document model is the tiny builder's files with 8 decoder layers, trained weights
+    (bf16, < 50 MB, no optimiser state) and SparseMM's visual-head scores for its 8 layers."""
+    from safetensors import safe_open
+
+    model = vqa.DOC_MODEL_DIR
+    spec = train.spec_of(argparse.Namespace(layers=8))
+    config = json.loads((model / "config.json").read_text())
+    tok = tiny.build_tokenizer(spec)
+    assert config == tiny._model_config(spec, tiny._token_ids(tok), tok.get_vocab_size())
+    weights = model / "model.safetensors"
+    assert weights.stat().st_size < 50 * 2**20
+    expected = tiny.weight_shapes(spec, config["vocab_size"])
+    with safe_open(weights, "pt") as f:
+        assert set(f.keys()) == set(expected)
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+    heads = json.loads((model / "visual_heads.json").read_text())
+    assert heads["task"] == "doc" and len(heads["scores"]) == 8
+    assert not (model / train.TRAINER_STATE).exists()
