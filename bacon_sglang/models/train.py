@@ -418,7 +418,7 @@ def _save(
     record = {
         "task": f"bacon_sglang.models.vqa, task {args.task!r} (train split)",
         "layers": spec.num_hidden_layers,
-        "command": "python -m bacon_sglang.models.train " + " ".join(args.argv),
+        "command": args.stages[-1]["command"],  # this run's
         "stages": args.stages,  # every command of a resumed run, with its first step
         "seed": args.seed,
         "steps": steps,
