@@ -4,8 +4,11 @@ in transformers; on CPU (2 cores) about 6 minutes with --n 200 (the published ru
     python benchmarks/accuracy.py --n 200  # test questions -> benchmarks/results/<date>-<dev>/
     python benchmarks/accuracy.py --smoke  # 8 questions, budgets 64 and 32 (the test runs it)
     python benchmarks/accuracy.py --report-only   # accuracy.md again from accuracy.json
+    python benchmarks/accuracy.py --task doc --budgets 256 128 64 48 --n 200 \
+        --name paper_table_doc_served   # the served rows of the document task's paper table
 
-One CPU (or GPU) SGLang server runs the shipped model (``bacon_sglang/models/tiny_vqa``)
+One CPU (or GPU) SGLang server runs the task's shipped model (``bacon_sglang/models/tiny_vqa``
+for ``--task shapes``, ``tiny_doc`` for ``--task doc``)
 with ``--kv-policy bacon --kv-debug-dir DIR --disable-radix-cache``; every test question is
 sent once per (policy, budget), the policy and budget chosen per request (``custom_params``
 ``kv_compression`` override: ``none`` is the full cache). Greedy decoding. The radix cache is
@@ -19,7 +22,8 @@ from integration effects: the ``offline`` rows must equal the ``server`` rows (`
 is the share of identical answers). ``--kv-budget`` counts the 32-token observation window:
 budget 32 keeps the window only, budget 64 keeps 32 selected prompt tokens per KV head and
 layer (of about 290, 256 of them the image's).
-Outputs: ``accuracy.{md,json,png}`` in ``--out``.
+Outputs: ``<name>.{md,json,png}`` in ``--out`` (``--name``: ``accuracy``, or ``accuracy_doc``
+for the document task).
 """
 
 from __future__ import annotations
@@ -186,7 +190,7 @@ def render(record: dict) -> str:
     return markdown(rows, budgets, record["questions"])
 
 
-def plot(rows: list[dict], budgets, path: Path) -> None:
+def plot(rows: list[dict], budgets, path: Path, task: str = "shapes") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,7 +206,7 @@ def plot(rows: list[dict], budgets, path: Path) -> None:
     ax.set_xlabel("KV budget per head (incl. 32-token window)")
     ax.set_ylabel("exact match")
     ax.set_ylim(0, 1.02)
-    ax.set_title("tiny Qwen2-VL on sparse-evidence VQA (test split)")
+    ax.set_title(f"tiny Qwen2-VL, {task} task (test split)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -211,7 +215,7 @@ def plot(rows: list[dict], budgets, path: Path) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Serve, decode offline, write the table, JSON and plot; returns the JSON record."""
-    samples = vqa.dataset("test", args.n, start=args.start)
+    samples = vqa.dataset("test", args.n, start=args.start, task=args.task)
     pairs = configs(args.policies, args.budgets)
     debug_dir = Path(tempfile.mkdtemp(prefix="bacon-keep-"))
     start = time.perf_counter()
@@ -223,6 +227,7 @@ def run(args: argparse.Namespace) -> dict:
     rows = summarise(samples, pairs, served, offline)
     record = {
         "model": str(args.model_path),
+        "task": args.task,
         "split": "test",
         "questions": len(samples),
         "start": args.start,
@@ -238,7 +243,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     out = Path(args.out) if args.out else results_dir(record["machine"])
     out.mkdir(parents=True, exist_ok=True)
-    stem = "accuracy_smoke" if args.smoke else "accuracy"
+    stem = args.name + ("_smoke" if args.smoke else "")
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
     write_report(record, out, stem)
     return record
@@ -249,13 +254,17 @@ def write_report(record: dict, out: Path, stem: str = "accuracy") -> None:
     table = render(record)
     (out / f"{stem}.md").write_text(table + "\n")
     budgets = list(dict.fromkeys(r["budget"] for r in record["rows"] if r["policy"] != "none"))
-    plot(record["rows"], budgets, out / f"{stem}.png")
+    plot(record["rows"], budgets, out / f"{stem}.png", record.get("task", "shapes"))
     print(table)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-path", type=lambda p: Path(p).resolve(), default=vqa.MODEL_DIR)
+    parser.add_argument("--task", choices=("shapes", "doc"), default="shapes")
+    parser.add_argument(
+        "--model-path", type=lambda p: Path(p).resolve(), help="default: the task's shipped model"
+    )
+    parser.add_argument("--name", help="output file stem (default: accuracy[_TASK])")
     parser.add_argument("--n", type=int, default=100, help="test questions")
     parser.add_argument("--start", type=int, default=0, help="first test-split index")
     parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
@@ -273,6 +282,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.n, args.budgets = 8, [64, 32]
+    args.model_path = args.model_path or vqa.shipped_model(args.task)
+    if args.name is None:
+        args.name = "accuracy" if args.task == "shapes" else f"accuracy_{args.task}"
     return args
 
 
@@ -280,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     if args.report_only:
-        path = args.out / "accuracy.json" if args.out else latest_result("accuracy.json")
-        write_report(json.loads(path.read_text()), path.parent)
+        name = f"{args.name}.json"
+        path = args.out / name if args.out else latest_result(name)
+        write_report(json.loads(path.read_text()), path.parent, args.name)
         return 0
     run(args)
     return 0

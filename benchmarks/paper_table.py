@@ -1,7 +1,7 @@
 """The paper's table on our model: 4 base methods x (base, +BACON) x 4 budgets, + full cache.
 
     python benchmarks/paper_table.py --task shapes --n 200      # the shipped model, old task
-    python benchmarks/paper_table.py --task doc --model-path DIR --n 500
+    python benchmarks/paper_table.py --task doc --n 500         # the document model
     python benchmarks/paper_table.py --smoke --offline-only     # 4 questions (the test)
     python benchmarks/paper_table.py --offline-only --n 100 --start 100 --out B  # one shard
     python benchmarks/paper_table.py --merge A/paper_table_shapes.json B/paper_table_shapes.json
@@ -385,7 +385,9 @@ def _prompt_len(model_path: Path, s) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-path", type=lambda p: Path(p).resolve(), default=vqa.MODEL_DIR)
+    parser.add_argument(
+        "--model-path", type=lambda p: Path(p).resolve(), help="default: the task's shipped model"
+    )
     parser.add_argument("--task", choices=("shapes", "doc"), default="shapes")
     parser.add_argument("--n", type=int, default=200, help="test questions")
     parser.add_argument("--start", type=int, default=0, help="first test-split index")
@@ -403,6 +405,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.n, args.budgets = 4, [64, 48]
+    args.model_path = args.model_path or vqa.shipped_model(args.task)
     return args
 
 

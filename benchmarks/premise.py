@@ -1,7 +1,7 @@
 """BACON's premise on a real (tiny) model: which score finds the answer's evidence tokens?
 
     python benchmarks/premise.py --task shapes --n 300   # the shipped model, old task
-    python benchmarks/premise.py --task doc --model-path DIR --n 300
+    python benchmarks/premise.py --task doc --n 300      # the document model
     python benchmarks/premise.py --smoke                 # 4 questions (the test runs it)
 
 For each test question the model (transformers, eager attention, fp32, full cache) reads the
@@ -196,7 +196,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-path", type=lambda p: Path(p).resolve(), default=vqa.MODEL_DIR)
+    parser.add_argument(
+        "--model-path", type=lambda p: Path(p).resolve(), help="default: the task's shipped model"
+    )
     parser.add_argument("--task", choices=("shapes", "doc"), default="shapes")
     parser.add_argument("--n", type=int, default=300, help="test questions")
     parser.add_argument("--start", type=int, default=0, help="first test-split index")
@@ -206,6 +208,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.n = 4
+    args.model_path = args.model_path or vqa.shipped_model(args.task)
     return args
 
 

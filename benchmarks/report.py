@@ -414,6 +414,7 @@ def summary() -> str:
         "prefill": page + anchor("Prefill overhead (single request)"),
         "decode": page + anchor("Decode step time (server side)"),
         "accuracy": page + anchor("Accuracy vs KV budget"),
+        "paper table": page + anchor("Quality: the paper's table (4 base methods x base/+BACON)"),
         "evidence": page + anchor("Evidence retention on synthetic attention"),
         "prefix reuse": page + anchor("Prefix-cache reuse: follow-up questions and chat turns"),
     }
@@ -464,7 +465,23 @@ def summary() -> str:
         by_budget = {r["budget"]: r["server"] for r in acc["rows"] if r["policy"] == p}
         exact[p] = " / ".join(f"{by_budget[b]:.3f}" for b in budgets)
     budget_text = " / ".join(map(str, budgets))
-    line(f"exact match, budget {budget_text} (n={acc['questions']})", exact, "accuracy")
+    line(
+        f"exact match, shapes task, budget {budget_text} (n={acc['questions']})", exact, "accuracy"
+    )
+    for path in task_results("paper_table"):
+        table = json.loads(path.read_text())
+        if table["task"] != "doc":
+            continue
+        cell = {(r["method"], r["budget"]): r["exact_match"] for r in table["rows"]}
+        doc = {"none": f"{cell[('full', None)]:.3f}"}
+        for p, method in (("snapkv", "snapkv"), ("bacon", "bacon-snapkv")):
+            doc[p] = " / ".join(f"{cell[(method, b)]:.3f}" for b in table["budgets"])
+        budget_text = " / ".join(map(str, table["budgets"]))
+        line(
+            f"exact match, document task, budget {budget_text} (n={table['questions']})",
+            doc,
+            "paper table",
+        )
     ks = (128, 64, 32)
     recall = {
         p: " / ".join(

@@ -121,18 +121,21 @@ def test_shipped_checkpoint_layout():
 
 
 @pytest.mark.engine
-def test_shipped_model_answers_with_the_full_cache():
-    """The shipped model, served by SGLang with --kv-policy none (its default bf16), on 50
-    held-out test questions: every colour question right and >= 90% of all (measured on the
-    200-question benchmark: 199 of 200, see the model card)."""
-    samples = vqa.dataset("test", 50, start=1000)
+@pytest.mark.parametrize("task", ["shapes", "doc"])
+def test_shipped_model_answers_with_the_full_cache(task):
+    """Each task's shipped model, served by SGLang with --kv-policy none (its default bf16), on
+    50 held-out test questions that no benchmark uses: >= 90% exact match (and every colour
+    question of the shapes task right). The benchmarks' numbers are in the model cards; the
+    document model answers 45 of these 50 in bf16 (46 served in fp32): at the threshold."""
+    samples = vqa.dataset("test", 50, start=1000, task=task)
     args = ["--kv-policy", "none", "--max-total-tokens", "16384"]
-    with running_server(vqa.MODEL_DIR, args) as server:
+    with running_server(vqa.shipped_model(task), args) as server:
         with ThreadPoolExecutor(8) as pool:
             replies = list(pool.map(lambda s: accuracy.serve_one(server.base_url, s), samples))
     right = [vqa.exact_match(text, s) for (text, _), s in zip(replies, samples, strict=True)]
-    colour = [r for r, s in zip(right, samples, strict=True) if s.kind == "colour"]
-    assert len(colour) >= 10 and all(colour), [t for t, _ in replies]
+    if task == "shapes":
+        colour = [r for r, s in zip(right, samples, strict=True) if s.kind == "colour"]
+        assert len(colour) >= 10 and all(colour), [t for t, _ in replies]
     assert sum(right) / len(samples) >= 0.9, (sum(right), [t for t, _ in replies])
     assert all("kv_compression" not in meta for _, meta in replies)
 
@@ -153,3 +156,10 @@ def test_accuracy_benchmark_smoke(tmp_path):
         assert rows[(policy, 32)]["server"] < full, record["rows"]
     for suffix in ("md", "json", "png"):
         assert (tmp_path / f"accuracy_smoke.{suffix}").stat().st_size > 0
+
+
+def test_accuracy_benchmark_serves_the_task_model():
+    """``--task doc`` measures the document model under its own file name; shapes stays."""
+    doc, shapes = accuracy.parse_args(["--task", "doc"]), accuracy.parse_args([])
+    assert (doc.model_path, doc.name) == (vqa.DOC_MODEL_DIR, "accuracy_doc")
+    assert (shapes.model_path, shapes.name) == (vqa.MODEL_DIR, "accuracy")

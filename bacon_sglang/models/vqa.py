@@ -59,6 +59,12 @@ MODEL_DIR = Path(__file__).resolve().parent / "tiny_vqa"
 # The 8-layer model of the document task (its model card says how it is trained and installed).
 DOC_MODEL_DIR = Path(__file__).resolve().parent / "tiny_doc"
 
+
+def shipped_model(task: str) -> Path:
+    """The folder of the shipped model trained on ``task`` (``shapes`` or ``doc``)."""
+    return {"shapes": MODEL_DIR, "doc": DOC_MODEL_DIR}[task]
+
+
 IMAGE_SIZE = 448
 GRID = 16
 CELL = IMAGE_SIZE // GRID  # 28 px = one LLM token
