@@ -4,8 +4,7 @@ in transformers; on CPU (2 cores) about 6 minutes with --n 200 (the published ru
     python benchmarks/accuracy.py --n 200  # test questions -> benchmarks/results/<date>-<dev>/
     python benchmarks/accuracy.py --smoke  # 8 questions, budgets 64 and 32 (the test runs it)
     python benchmarks/accuracy.py --report-only   # accuracy.md again from accuracy.json
-    python benchmarks/accuracy.py --task doc --budgets 256 128 64 48 --n 200 \
-        --name paper_table_doc_served   # the served rows of the document task's paper table
+    python benchmarks/accuracy.py --task doc --n 200   # the document model -> accuracy_doc.*
 
 One CPU (or GPU) SGLang server runs the task's shipped model (``bacon_sglang/models/tiny_vqa``
 for ``--task shapes``, ``tiny_doc`` for ``--task doc``)
