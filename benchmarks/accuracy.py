@@ -37,7 +37,7 @@ from pathlib import Path
 
 import requests
 import torch
-from serving import latest_result, machine, results_dir
+from serving import add_task_arguments, latest_result, machine, results_dir, task_model_path
 
 from bacon_sglang.config import POLICY_NAMES
 from bacon_sglang.demo import image_data_url
@@ -259,10 +259,7 @@ def write_report(record: dict, out: Path, stem: str = "accuracy") -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", choices=("shapes", "doc"), default="shapes")
-    parser.add_argument(
-        "--model-path", type=lambda p: Path(p).resolve(), help="default: the task's shipped model"
-    )
+    add_task_arguments(parser)
     parser.add_argument("--name", help="output file stem (default: accuracy[_TASK])")
     parser.add_argument("--n", type=int, default=100, help="test questions")
     parser.add_argument("--start", type=int, default=0, help="first test-split index")
@@ -281,7 +278,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.n, args.budgets = 8, [64, 32]
-    args.model_path = args.model_path or vqa.shipped_model(args.task)
+    args.model_path = task_model_path(args)
     if args.name is None:
         args.name = "accuracy" if args.task == "shapes" else f"accuracy_{args.task}"
     return args

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import accuracy
 import torch
-from serving import machine, results_dir
+from serving import add_task_arguments, machine, results_dir, task_model_path
 
 from bacon_sglang.models import train, visual_heads, vqa
 from bacon_sglang.policies import BACON, SparseMM, make_policy
@@ -218,6 +218,18 @@ def chance(expected: list[str]) -> float:
     return max(expected.count(a) for a in set(expected)) / len(expected)
 
 
+def errors_by_question(record: dict) -> str:
+    """The full cache's wrong answers per distinct question of a run's JSON record, e.g.
+    ``What number is printed in blue? 3/78; ...`` (sorted by question)."""
+    wrong: dict[str, list[int]] = {}
+    answers = record["answers"]["full@None"]
+    for text, expected, question in zip(answers, record["expected"], record["asked"], strict=True):
+        counts = wrong.setdefault(question, [0, 0])
+        counts[0] += text.strip() != expected
+        counts[1] += 1
+    return "; ".join(f"{q} {w}/{n}" for q, (w, n) in sorted(wrong.items()))
+
+
 def render(record: dict) -> str:
     """The markdown of a run's JSON record (what the run printed and wrote)."""
     return markdown(record, record["budgets"], record["questions"], record["task"])
@@ -275,6 +287,8 @@ def markdown(result: dict, budgets, n: int, task: str) -> str:
             f"{no_image['exact_match']:.3f} [{low:.2f}, {high:.2f}]; chance (most frequent "
             f"answer): {chance(result['expected']):.3f}"
         )
+    if result.get("asked") and "full@None" in result.get("answers", {}):
+        lines.append(f"\nfull cache, wrong answers by question: {errors_by_question(result)}")
     agree = [
         r["server_offline_agreement"] for r in result["rows"] if "server_offline_agreement" in r
     ]
@@ -317,6 +331,7 @@ def merge(paths: list[Path], out: Path | None) -> dict:
         **result,
         "answers": {f"{m}@{b}": texts for (m, b), texts in answers.items()},
         "expected": [s.answer for s in samples],
+        "asked": [s.question for s in samples],
     }
     out = Path(out) if out else results_dir(record["machine"])
     out.mkdir(parents=True, exist_ok=True)
@@ -365,6 +380,7 @@ def run(args: argparse.Namespace) -> dict:
         **result,
         "answers": {f"{m}@{b}": texts for (m, b), texts in answers.items()},
         "expected": [s.answer for s in samples],
+        "asked": [s.question for s in samples],
     }
     table = render(record)
     out = Path(args.out) if args.out else results_dir(record["machine"])
@@ -385,10 +401,7 @@ def _prompt_len(model_path: Path, s) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--model-path", type=lambda p: Path(p).resolve(), help="default: the task's shipped model"
-    )
-    parser.add_argument("--task", choices=("shapes", "doc"), default="shapes")
+    add_task_arguments(parser)
     parser.add_argument("--n", type=int, default=200, help="test questions")
     parser.add_argument("--start", type=int, default=0, help="first test-split index")
     parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
@@ -405,7 +418,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.n, args.budgets = 4, [64, 48]
-    args.model_path = args.model_path or vqa.shipped_model(args.task)
+    args.model_path = task_model_path(args)
     return args
 
 

@@ -366,11 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(result, path.parent / "prefix_reuse.png")
         return 0
     start = time.perf_counter()
-    model_path = args.model_path
-    if model_path is None:
-        from bacon_sglang.models.tiny import ensure_tiny_model
-
-        model_path = str(ensure_tiny_model())
+    model_path = serving.model_or_tiny(args.model_path)
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_path)

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from serving import machine, results_dir
+from serving import add_task_arguments, machine, results_dir, task_model_path
 
 from bacon_sglang import scoring
 from bacon_sglang.models import train, vqa
@@ -196,10 +196,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--model-path", type=lambda p: Path(p).resolve(), help="default: the task's shipped model"
-    )
-    parser.add_argument("--task", choices=("shapes", "doc"), default="shapes")
+    add_task_arguments(parser)
     parser.add_argument("--n", type=int, default=300, help="test questions")
     parser.add_argument("--start", type=int, default=0, help="first test-split index")
     parser.add_argument("--threads", type=int, default=2)
@@ -208,7 +205,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.n = 4
-    args.model_path = args.model_path or vqa.shipped_model(args.task)
+    args.model_path = task_model_path(args)
     return args
 
 

@@ -301,6 +301,30 @@ def run_policy(
     }
 
 
+def model_or_tiny(model_path: str | None) -> str:
+    """``model_path``, or the built-in tiny model's folder (built on first use)."""
+    if model_path is not None:
+        return model_path
+    from bacon_sglang.models.tiny import ensure_tiny_model
+
+    return str(ensure_tiny_model())
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """The VQA benchmarks' ``--task`` and ``--model-path`` (see :func:`task_model_path`)."""
+    parser.add_argument("--task", choices=("shapes", "doc"), default="shapes")
+    parser.add_argument(
+        "--model-path", type=lambda p: Path(p).resolve(), help="default: the task's shipped model"
+    )
+
+
+def task_model_path(args: argparse.Namespace) -> Path:
+    """``--model-path``, or the shipped model trained on ``--task``."""
+    from bacon_sglang.models import vqa
+
+    return args.model_path or vqa.shipped_model(args.task)
+
+
 def machine() -> dict:
     """What the numbers were taken on."""
     cpu = platform.processor() or platform.machine()
@@ -447,11 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         print(tables(result))
         return 0
     start = time.perf_counter()
-    model_path = args.model_path
-    if model_path is None:
-        from bacon_sglang.models.tiny import ensure_tiny_model
-
-        model_path = str(ensure_tiny_model())
+    model_path = model_or_tiny(args.model_path)
     info = machine()
     print(f"{info}; model {model_path}", flush=True)
     prompt = chat_prompt(model_path, args.question)

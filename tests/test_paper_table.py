@@ -36,6 +36,18 @@ def test_exact_mcnemar():
     assert paper_table.mcnemar(*mixed)["p"] == pytest.approx(112 / 1024)
 
 
+def test_errors_by_question():
+    record = {
+        "answers": {"full@None": ["12", "34 ", "56", "7"]},
+        "expected": ["12", "34", "65", "8"],
+        "asked": ["in red?", "in blue?", "in blue?", "in red?"],
+    }
+    assert paper_table.errors_by_question(record) == "in blue? 1/2; in red? 1/2"
+    assert "wrong answers by question: in blue? 1/2" in paper_table.markdown(
+        {"rows": [], "mcnemar": [], **record}, [64], 4, "doc"
+    )
+
+
 def test_paper_table_smoke_offline(tmp_path):
     """Every method at budgets 64 and 48 on 4 questions, all offline: uniform methods hold
     their budget, PyramidKV/SparseMM/AdaKV at least theirs; the files are written."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -102,22 +103,27 @@ def test_patchify_matches_the_processor(tiny_model_path):
     train.check_patchify(tiny_model_path)
 
 
-def test_shipped_checkpoint_layout():
-    """The shipped model is the tiny builder's files (one vision block) plus trained weights."""
-    model = vqa.MODEL_DIR
+@pytest.mark.parametrize("task, layers", [("shapes", train.SPEC.num_hidden_layers), ("doc", 8)])
+def test_shipped_checkpoint_layout(task, layers):
+    """Each shipped model is the tiny builder's files (one vision block, ``layers`` decoder
+    layers) plus trained weights (bf16, < 50 MB, no optimiser state), its model card and
+    SparseMM's visual-head scores for every layer, computed on its own task."""
+    model = vqa.shipped_model(task)
+    spec = train.spec_of(argparse.Namespace(layers=layers))
     config = json.loads((model / "config.json").read_text())
-    tok = tiny.build_tokenizer(train.SPEC)
-    ids = tiny._token_ids(tok)
-    assert config == tiny._model_config(train.SPEC, ids, tok.get_vocab_size())
+    tok = tiny.build_tokenizer(spec)
+    assert config == tiny._model_config(spec, tiny._token_ids(tok), tok.get_vocab_size())
     weights = model / "model.safetensors"
     assert weights.stat().st_size < 50 * 2**20
-    expected = tiny.weight_shapes(train.SPEC, config["vocab_size"])
+    expected = tiny.weight_shapes(spec, config["vocab_size"])
     with safe_open(weights, "pt") as f:
         assert set(f.keys()) == set(expected)
         for name in f.keys():
             t = f.get_tensor(name)
             assert t.dtype == torch.bfloat16 and tuple(t.shape) == expected[name]
-    assert (model / "README.md").is_file()
+    heads = json.loads((model / "visual_heads.json").read_text())
+    assert heads["task"] == task and len(heads["scores"]) == layers
+    assert (model / "README.md").is_file() and not (model / train.TRAINER_STATE).exists()
 
 
 @pytest.mark.engine

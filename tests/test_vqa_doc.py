@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from bacon_sglang.models import tiny, train, vqa
 
@@ -86,6 +87,48 @@ def test_doc_answer_is_the_word_printed_in_the_asked_colour(index):
     assert len(inks) == len(s.questions) and (s.question, s.answer) in s.questions
 
 
+def _inks(s: vqa.VQASample) -> list[str]:
+    return [q.removeprefix("What number is printed in ").removesuffix("?") for q, _ in s.questions]
+
+
+def test_included_colours_are_on_the_page_and_asked():
+    """``include`` (training only, ``train.py --include``): the page holds those colours and the
+    question asks about one of them, whose word is printed in it; ``include_fraction`` draws
+    one number first only when it is above 0, so the splits stay as they are."""
+    pair = ("blue", "orange")
+    pages = vqa.dataset("train", 40, 500, task="doc", include=pair, include_fraction=1.0)
+    asked = [s.question.removeprefix("What number is printed in ").removesuffix("?") for s in pages]
+    assert set(asked) == set(pair)
+    for s in pages:
+        assert set(pair) <= set(_inks(s)) and len(set(_inks(s))) == len(s.questions)
+        assert vqa.MIN_MARKS <= len(s.questions) <= vqa.MAX_MARKS
+    pixels = np.asarray(pages[0].image)
+    assert "".join(_read_cell(pixels, *cell)[0] for cell in pages[0].evidence) == pages[0].answer
+    assert {_read_cell(pixels, *cell)[1] for cell in pages[0].evidence} == {asked[0]}
+    plain = [_key(s) for s in vqa.dataset("train", 40, 500, task="doc")]
+    off = vqa.dataset("train", 40, 500, task="doc", include=pair, include_fraction=0.0)
+    assert [_key(s) for s in off] == plain
+    half = vqa.dataset("train", 40, 500, task="doc", include=pair, include_fraction=0.5)
+    assert 0 < sum(not set(pair) <= set(_inks(s)) for s in half) < 40
+    with pytest.raises(SystemExit):
+        train.main(["unused", "--task", "doc", "--steps", "1", "--include", "blue,teal"])
+
+
+def test_ink_labels_name_the_coloured_cells():
+    """The ink probe's targets (``train.py --ink-loss``): each coloured digit cell's colour,
+    nothing for black or empty cells, in the vision tokens' row-major order."""
+    for s in [vqa.sample("train", 3, task="doc"), vqa.sample("train", 4, task="doc", grid=(3, 10))]:
+        labels = train.ink_labels(s)
+        cols, rows = (side // vqa.CELL for side in s.image.size)
+        assert labels.shape == (rows * cols,)
+        pixels = np.asarray(s.image)
+        for cell in range(rows * cols):
+            _, ink = _read_cell(pixels, cell // cols, cell % cols)
+            named = vqa.MARK_COLOURS[int(labels[cell])] if labels[cell] >= 0 else None
+            assert named == (ink if ink not in ("", "black") else None)
+        assert int((labels >= 0).sum()) == sum(len(a) for _, a in s.questions)
+
+
 def test_doc_page_is_dense():
     """Candidate evidence is at least 3x the 32 tokens a budget-64 keep-set selects per head."""
     for s in vqa.dataset("test", 20, task="doc"):
@@ -146,13 +189,17 @@ def test_curriculum_pages():
     assert all(r < 3 and c < 10 for r, c in page.evidence)
 
 
-def test_a_stopped_and_resumed_run_equals_the_straight_run(tmp_path):
+@pytest.mark.parametrize(
+    "extra", [[], ["--include", "blue,orange", "--include-fraction", "0.5", "--ink-loss", "1"]]
+)
+def test_a_stopped_and_resumed_run_equals_the_straight_run(tmp_path, extra):
     """``--until`` stops a run with its schedule intact; ``--resume`` continues it to the
-    same fp32 weights as a run that never stopped (the stages of tiny_doc's training)."""
+    same fp32 weights as a run that never stopped (the stages of tiny_doc's training), also
+    with the ink probe (its state resumes too)."""
     common = [
         "--task", "doc", "--layers", "1", "--steps", "4", "--small-grids", "1x5,2x5",
         "--small-fraction", "0.5", "--small-batch", "2", "--batch", "1", "--follow-ups", "1",
-        "--warmup", "1", "--threads", "1", "--eval-every", "0", "--log-every", "100",
+        "--warmup", "1", "--threads", "1", "--eval-every", "0", "--log-every", "100", *extra,
     ]  # fmt: skip
     train.main([str(tmp_path / "straight"), *common])
     train.main([str(tmp_path / "staged"), *common, "--until", "2"])
@@ -168,24 +215,51 @@ def test_a_stopped_and_resumed_run_equals_the_straight_run(tmp_path):
     )
     assert straight.keys() == staged.keys()
     assert all(torch.equal(straight[k], staged[k]) for k in straight)
+    probes = [
+        torch.load(tmp_path / run / train.TRAINER_STATE, weights_only=False).get("ink_probe")
+        for run in ("straight", "staged")
+    ]
+    assert (probes[0] is None) == (not extra)
+    if extra:  # trained (it starts at zero), resumed, and not part of the saved model
+        assert probes[0]["weight"].abs().sum() > 0
+        assert torch.equal(probes[0]["weight"], probes[1]["weight"])
+        with safe_open(tmp_path / "staged" / "model.safetensors", "pt") as f:
+            assert not any("probe" in k for k in f.keys())
+            assert len(list(f.keys())) == len(tiny.weight_shapes(train.spec_of(
+                argparse.Namespace(layers=1)), 1024))  # fmt: skip
 
 
-def test_shipped_doc_checkpoint_layout():
-    """The document model is the tiny builder's files with 8 decoder layers, trained weights
-    (bf16, < 50 MB, no optimiser state) and SparseMM's visual-head scores for its 8 layers."""
-    from safetensors import safe_open
+def test_ink_similarity_table():
+    """``python -m bacon_sglang.models.ink_similarity``: an ink x ink cosine table of one word's
+    output tokens (symmetric, 1 on the diagonal, distinct inks not identical)."""
+    from transformers import Qwen2VLForConditionalGeneration
 
-    model = vqa.DOC_MODEL_DIR
-    spec = train.spec_of(argparse.Namespace(layers=8))
-    config = json.loads((model / "config.json").read_text())
-    tok = tiny.build_tokenizer(spec)
-    assert config == tiny._model_config(spec, tiny._token_ids(tok), tok.get_vocab_size())
-    weights = model / "model.safetensors"
-    assert weights.stat().st_size < 50 * 2**20
-    expected = tiny.weight_shapes(spec, config["vocab_size"])
-    with safe_open(weights, "pt") as f:
-        assert set(f.keys()) == set(expected)
-        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
-    heads = json.loads((model / "visual_heads.json").read_text())
-    assert heads["task"] == "doc" and len(heads["scores"]) == 8
-    assert not (model / train.TRAINER_STATE).exists()
+    from bacon_sglang.models import ink_similarity
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        vqa.DOC_MODEL_DIR, dtype=torch.float32
+    ).eval()
+    tokens = ink_similarity.word_tokens(model, "red")
+    assert tokens.shape == (len(ink_similarity.WORD), train.SPEC.hidden_size)
+    sim = ink_similarity.similarity(model)
+    inks = list(vqa.COLOURS)
+    assert all(sim[(a, a)] == pytest.approx(1.0, abs=1e-5) for a in inks)
+    assert all(sim[(a, b)] == pytest.approx(sim[(b, a)], abs=1e-6) for a in inks for b in inks)
+    assert sim[("red", "black")] < 0.99
+    assert ink_similarity.markdown(sim).count("\n") == len(inks) + 1
+    patches = ink_similarity.word_tokens(model, "red", patch_embed=True)
+    assert patches.shape == (4 * len(ink_similarity.WORD), model.config.vision_config.embed_dim)
+    assert ink_similarity.similarity(model, patch_embed=True)[("red", "red")] == pytest.approx(1.0)
+
+
+def test_evaluate_counts_right_answers_per_question():
+    """``python -m bacon_sglang.models.evaluate``: its count equals greedy decoding checked
+    against the expected answers, split per question."""
+    from bacon_sglang.models import evaluate
+
+    result = evaluate.evaluate(vqa.DOC_MODEL_DIR, "doc", "val", 3, start=5)
+    samples = vqa.dataset("val", 3, start=5, task="doc")
+    assert result["questions"] == 3 and 0 <= result["right"] <= 3
+    assert sum(n for _, n in result["wrong_by_question"].values()) == 3
+    assert sum(w for w, _ in result["wrong_by_question"].values()) == 3 - result["right"]
+    assert set(result["wrong_by_question"]) == {s.question for s in samples}

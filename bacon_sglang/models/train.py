@@ -146,6 +146,18 @@ def make_batch(
     )
 
 
+def ink_labels(s: vqa.VQASample) -> torch.Tensor:
+    """The ink probe's target for each of ``s``'s image tokens (row-major cells): the index in
+    :data:`vqa.MARK_COLOURS` of a cell printed in colour, -100 (ignored) for black and empty
+    cells. ``[rows * columns]`` int64."""
+    cols, rows = (side // vqa.CELL for side in s.image.size)
+    labels = torch.full((rows * cols,), -100)
+    for row, col, _, ink in s.objects:
+        if ink in vqa.MARK_COLOURS:
+            labels[row * cols + col] = vqa.MARK_COLOURS.index(ink)
+    return labels
+
+
 def check_patchify(model_dir: Path) -> None:
     """Raise if :func:`patchify` differs from the processor's ``pixel_values``."""
     from transformers import AutoProcessor
@@ -279,11 +291,18 @@ def train(args: argparse.Namespace) -> dict:
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.98),
-    )
+    groups = [{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}]
+    # --ink-loss: a linear probe on the vision tower's output tokens must tell each coloured
+    # cell's ink; training only (never saved with the model).
+    probe, vision = None, {}
+    if args.ink_loss:
+        probe = torch.nn.Linear(spec.hidden_size, len(vqa.MARK_COLOURS))
+        torch.nn.init.zeros_(probe.weight)  # no gradient into the tower until the probe reads
+        groups.append({"params": list(probe.parameters()), "weight_decay": 0.0})
+        model.model.visual.merger.register_forward_hook(
+            lambda module, inputs, output: vision.__setitem__("tokens", output)
+        )
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
     is_id, a_id = (tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (" is", " a"))
     digits = None
     if args.task == "doc":
@@ -301,6 +320,8 @@ def train(args: argparse.Namespace) -> dict:
         history, small_steps = state["history"], state["small_steps"]
         torch.set_rng_state(state["torch_rng"])
         stages = state.get("stages", [])
+        if probe is not None:
+            probe.load_state_dict(state["ink_probe"])
         logger.info("resumed %s at step %d (%.0f s done)", args.resume, step, already)
     stages.append(
         {"from_step": step, "command": "python -m bacon_sglang.models.train " + " ".join(args.argv)}
@@ -320,6 +341,8 @@ def train(args: argparse.Namespace) -> dict:
             "torch_rng": torch.get_rng_state(),
             "stages": stages,
         }
+        if probe is not None:
+            state["ink_probe"] = probe.state_dict()
         return _save(model, work, out, args, step + 1, state["seconds"], history, spec, state)
 
     while True:
@@ -344,12 +367,19 @@ def train(args: argparse.Namespace) -> dict:
             distinct_fraction=args.distinct_fraction,
             task=args.task,
             max_marks=1 if done < args.single_mark_fraction else None,
+            include=args.include,
+            include_fraction=args.include_fraction,
         )
         turns = [follow_ups(s, args.follow_ups, seen + j) for j, s in enumerate(samples)]
         seen += batch
         b = make_batch(tokenizer, samples, turns=turns)
         result = model(**b.inputs(), labels=b.labels)
         loss = result.loss
+        ink = None
+        if probe is not None:
+            labels = torch.cat([ink_labels(s) for s in samples if s.image is not None])
+            ink = torch.nn.functional.cross_entropy(probe(vision["tokens"]), labels)
+            loss = loss + args.ink_loss * ink
         hit = evidence_match(result.logits.detach(), b.labels, is_id, a_id, digits)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -360,8 +390,9 @@ def train(args: argparse.Namespace) -> dict:
         elapsed = time.perf_counter() - start
         if step % args.log_every == 0:
             logger.info(
-                "step %d grid %s loss %.4f (smoothed %.4f) evidence right %.2f %.0f s",
+                "step %d grid %s loss %.4f (smoothed %.4f) evidence right %.2f %.0f s%s",
                 step, grid, loss.item(), smooth, match, elapsed,
+                "" if ink is None else f" (ink probe loss {ink.item():.4f})",
             )  # fmt: skip
         if args.eval_every and (step + 1) % args.eval_every == 0:
             acc = evaluate(model, tokenizer, "val", args.eval_n, args.text_fraction, args.task)
@@ -429,6 +460,9 @@ def _save(
         "follow_ups": args.follow_ups,
         "distinct_fraction": args.distinct_fraction,
         "single_mark_fraction": args.single_mark_fraction,
+        "include": list(args.include),
+        "include_fraction": args.include_fraction,
+        "ink_loss": args.ink_loss,
         "until": args.until,
         "init": str(args.init) if args.init else None,
         "small_grids": list(args.small_grids),
@@ -494,6 +528,21 @@ def main(argv: list[str] | None = None) -> None:
         help="document task: share of training (from the start) with one coloured word per page",
     )
     parser.add_argument(
+        "--include",
+        type=lambda v: tuple(c for c in v.split(",") if c),
+        default=(),
+        help="document task: colours (comma-separated) that --include-fraction of the training"
+        " pages all hold, the question asking about one of them (colours the model confuses)",
+    )
+    parser.add_argument("--include-fraction", type=float, default=0.0)
+    parser.add_argument(
+        "--ink-loss",
+        type=float,
+        default=0.0,
+        help="weight of an auxiliary loss: a linear probe (training only) names the ink of every"
+        " coloured cell from the vision tower's output tokens",
+    )
+    parser.add_argument(
         "--until",
         type=int,
         default=None,
@@ -521,6 +570,8 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if not (args.steps or args.minutes):
         parser.error("give --steps or --minutes")
+    if unknown := [c for c in args.include if c not in vqa.MARK_COLOURS]:
+        parser.error(f"--include: unknown colour(s) {unknown}; known: {vqa.MARK_COLOURS}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     record = train(args)
     print(json.dumps({k: v for k, v in record.items() if k != "history"}, indent=2))

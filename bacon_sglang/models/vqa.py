@@ -299,13 +299,17 @@ def doc_question(colour: str) -> str:
 
 
 def doc_sample(
-    rng: np.random.Generator, grid: int | tuple[int, int] = GRID, max_marks: int | None = None
+    rng: np.random.Generator,
+    grid: int | tuple[int, int] = GRID,
+    max_marks: int | None = None,
+    include: tuple[str, ...] = (),
 ) -> VQASample:
     """A ``grid`` x ``grid`` page, or ``grid = (rows, columns)`` (training curricula; at least
     ``SLOT`` columns): ``columns // SLOT`` slots per row, each an empty cell and a 2-4 digit
     word; 3-7 words (fewer on small pages, at most ``max_marks``) are printed in distinct
     colours, the rest in black. The question asks for the word of one colour; ``evidence`` is
-    that word's cells, left to right."""
+    that word's cells, left to right. ``include`` (training only) puts these colours on the page
+    and asks about one of them, on pages with room for them (the splits draw without it)."""
     rows, cols = page_shape(grid)
     if cols < SLOT:
         raise ValueError(f"a document page needs at least {SLOT} columns, not {cols}")
@@ -315,9 +319,18 @@ def doc_sample(
     digits = rng.integers(10, size=(slots, MAX_WORD))
     most = min(MAX_MARKS, slots, max_marks or MAX_MARKS)
     n_marks = int(rng.integers(min(MIN_MARKS, most), most + 1))
+    include = include if len(include) <= most else ()  # a page too small for them: as usual
+    if include:
+        n_marks = max(n_marks, len(include))
     marked = rng.choice(slots, size=n_marks, replace=False)
-    colours = rng.choice(len(MARK_COLOURS), size=n_marks, replace=False)
-    target = int(rng.integers(n_marks))
+    if include:  # the included colours first, then others; the target among the included
+        others = [i for i, c in enumerate(MARK_COLOURS) if c not in include]
+        extra = rng.choice(others, size=n_marks - len(include), replace=False)
+        colours = [MARK_COLOURS.index(c) for c in include] + [int(c) for c in extra]
+        target = int(rng.integers(len(include)))
+    else:
+        colours = rng.choice(len(MARK_COLOURS), size=n_marks, replace=False)
+        target = int(rng.integers(n_marks))
     ink = ["black"] * slots
     for slot, c in zip(marked, colours, strict=True):
         ink[int(slot)] = MARK_COLOURS[int(c)]
@@ -354,6 +367,8 @@ def sample(
     distinct_fraction: float = 0.0,
     task: str = "shapes",
     max_marks: int | None = None,
+    include: tuple[str, ...] = (),
+    include_fraction: float = 0.0,
 ) -> VQASample:
     """Sample ``index`` of ``split``: the text task with probability ``text_fraction``,
     otherwise an image question (colour or shape, even odds) on a ``grid`` x ``grid`` image,
@@ -361,9 +376,12 @@ def sample(
     see :func:`image_sample`). A fraction of 0 draws nothing, so the splits stay as they are.
     ``task="doc"`` gives the document task instead (:func:`doc_sample`, with at most
     ``max_marks`` coloured words, on ``grid`` x ``grid`` cells or ``grid = (rows, columns)``;
-    the fractions are ignored)."""
+    with probability ``include_fraction`` the page holds the colours ``include`` and the
+    question asks about one of them; the shapes task's fractions are ignored)."""
     if task == "doc":
-        return doc_sample(doc_rng_for(split, index), grid=grid, max_marks=max_marks)
+        rng = doc_rng_for(split, index)
+        chosen = include if include_fraction > 0 and rng.random() < include_fraction else ()
+        return doc_sample(rng, grid=grid, max_marks=max_marks, include=chosen)
     if task != "shapes":
         raise ValueError(f"unknown task {task!r}; known: shapes, doc")
     rng = rng_for(split, index)
@@ -382,6 +400,8 @@ def dataset(
     distinct_fraction: float = 0.0,
     task: str = "shapes",
     max_marks: int | None = None,
+    include: tuple[str, ...] = (),
+    include_fraction: float = 0.0,
 ) -> list[VQASample]:
     """Samples ``start .. start + n - 1`` of ``split`` (see :func:`sample`); sample ``i`` uses
     the grid ``grids[i % len(grids)]`` (default: :data:`GRID`)."""
@@ -394,6 +414,8 @@ def dataset(
             distinct_fraction,
             task,
             max_marks,
+            include,
+            include_fraction,
         )
         for i in range(start, start + n)
     ]

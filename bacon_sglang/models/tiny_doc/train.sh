@@ -42,5 +42,7 @@ if [ "$(steps_done "$OUT/stage4")" -lt 3000 ]; then
     --lr 3e-4 --eval-every 500
 fi
 # Stage 5: the same from stage 4's weights, lr 1.5e-4 over 1,200 steps, pages from 112,000.
-$FINE "$OUT/stage5" $(resume "$OUT/stage5") --init "$OUT/stage4" --offset 112000 --steps 1200 \
-  --lr 1.5e-4 --eval-every 600
+if [ "$(steps_done "$OUT/stage5")" -lt 1200 ]; then
+  $FINE "$OUT/stage5" $(resume "$OUT/stage5") --init "$OUT/stage4" --offset 112000 \
+    --steps 1200 --lr 1.5e-4 --eval-every 600
+fi

@@ -1,0 +1,72 @@
+"""How alike the vision tower makes one word printed in two different inks.
+
+    python -m bacon_sglang.models.ink_similarity bacon_sglang/models/tiny_doc
+
+For each ink of :data:`bacon_sglang.models.vqa.COLOURS`, a 16 x 16 document page holding only
+the word ``3838`` in its first slot; for each pair of inks, the cosine similarity of the word's
+4 image tokens (mean over the 4) at the tower's output (the merged tokens the language model
+reads), or with ``--patch-embed`` of its 16 patches after the patch embedding. A pair near 1.0
+at the output is a pair of colours the language model can hardly tell apart: the document
+model's questions about that pair's words then fail (its model card).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from bacon_sglang.models import train, vqa
+
+WORD = "3838"
+
+
+def word_tokens(model, ink: str, patch_embed: bool = False) -> torch.Tensor:
+    """The vision tower's output tokens of :data:`WORD` printed in ``ink`` at the start of an
+    otherwise empty 16 x 16 page: ``[len(WORD), hidden]`` float32; with ``patch_embed`` its
+    patches after the patch embedding instead, ``[4 * len(WORD), vision embed]``."""
+    objects = tuple((0, 1 + i, digit, ink) for i, digit in enumerate(WORD))
+    pixels = train.patchify(vqa.render_doc(objects))
+    cells = slice(1, 1 + len(WORD))  # cells (0, 1) .. (0, 4), row-major
+    with torch.no_grad():
+        if patch_embed:  # rows in 2 x 2-merge order: 4 patches per cell
+            merged = train.SPEC.spatial_merge_size**2
+            return model.model.visual.patch_embed(pixels)[
+                cells.start * merged : cells.stop * merged
+            ]
+        side = vqa.GRID * train.SPEC.spatial_merge_size
+        out = model.model.visual(pixels, grid_thw=torch.tensor([[1, side, side]]))
+    tokens = out.pooler_output if hasattr(out, "pooler_output") else out
+    return tokens[cells].float()
+
+
+def similarity(model, patch_embed: bool = False) -> dict[tuple[str, str], float]:
+    """Cosine similarity of :func:`word_tokens` for every pair of inks (both orders)."""
+    tokens = {ink: word_tokens(model, ink, patch_embed) for ink in vqa.COLOURS}
+    cos = torch.nn.functional.cosine_similarity
+    return {(a, b): float(cos(tokens[a], tokens[b], dim=-1).mean()) for a in tokens for b in tokens}
+
+
+def markdown(sim: dict[tuple[str, str], float]) -> str:
+    """The ink x ink table of :func:`similarity`, 4 decimals."""
+    inks = list(vqa.COLOURS)
+    lines = ["| ink | " + " | ".join(inks) + " |", "|---|" + "---|" * len(inks)]
+    for a in inks:
+        lines.append(f"| {a} | " + " | ".join(f"{sim[(a, b)]:.4f}" for b in inks) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from transformers import Qwen2VLForConditionalGeneration
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--patch-embed", action="store_true", help="after the patch embedding")
+    args = parser.parse_args(argv)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(args.model_dir, dtype=torch.float32)
+    print(markdown(similarity(model.eval(), args.patch_embed)))
+
+
+if __name__ == "__main__":
+    main()
