@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -35,8 +36,24 @@ CPU_ENGINE_ARGS = (
 )
 
 
-def free_port() -> int:
-    """An unused TCP port on the loopback interface."""
+# Server ports come from here: below the kernel's ephemeral range (32768+), where bind(0) and
+# connect() never hand a port out while the server starts, and below SGLang's own range for the
+# ports it picks (22000-29999). A port from bind(0) was once taken by another socket between
+# the draw and uvicorn's bind (CI: "address already in use"; launch_server then retries).
+PORT_RANGE = (15000, 21999)
+
+
+def free_port(port_range: tuple[int, int] = PORT_RANGE) -> int:
+    """An unused TCP port on the loopback interface, drawn at random from ``port_range``
+    (bind(0) if none of 64 draws is free)."""
+    ports = range(port_range[0], port_range[1] + 1)
+    for port in random.sample(ports, min(64, len(ports))):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -137,7 +154,19 @@ def launch_server(
 ) -> ServerProcess:
     """Start a server, wait until ``/health`` answers 200, and return it.
 
-    Raises RuntimeError with the server's log tail if it exits or times out first."""
+    Raises RuntimeError with the server's log tail if it exits or times out first; a start
+    that fails because its port was taken meanwhile is retried on another port (twice)."""
+    for _ in range(2):
+        with contextlib.suppress(PortTaken):
+            return _launch(model_path, extra_args, startup_timeout, log_path, env)
+    return _launch(model_path, extra_args, startup_timeout, log_path, env)
+
+
+class PortTaken(RuntimeError):
+    """The server could not bind its HTTP port (another process took it after it was drawn)."""
+
+
+def _launch(model_path, extra_args, startup_timeout, log_path, env) -> ServerProcess:
     port = free_port()
     argv = server_argv(model_path, port, extra_args)
     if log_path is None:
@@ -164,9 +193,13 @@ def launch_server(
     deadline = time.monotonic() + startup_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(
-                f"server exited with {process.returncode} during start-up:\n{server.log()[-4000:]}"
+            log = server.log()
+            error = (
+                PortTaken
+                if f"address ('127.0.0.1', {port}): address already in use" in log
+                else RuntimeError
             )
+            raise error(f"server exited with {process.returncode} during start-up:\n{log[-4000:]}")
         with contextlib.suppress(requests.RequestException):
             if requests.get(server.base_url + "/health", timeout=5).status_code == 200:
                 return server

@@ -30,6 +30,33 @@ def _group_alive(pgid: int, wait: float = 15.0) -> bool:
         time.sleep(0.5)
 
 
+def test_a_port_taken_before_the_server_binds_it_is_retried(tiny_model_path, monkeypatch):
+    """The launcher's first port is held by another socket (as when a starting server's own
+    sockets took it): uvicorn cannot bind it, the server exits, and the launcher starts it again
+    on the next drawn port instead of failing."""
+    import socket
+
+    from bacon_sglang import server as launcher
+
+    held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    held.bind(("127.0.0.1", launcher.free_port()))
+    held.listen()
+    taken = held.getsockname()[1]
+    draws = iter([taken])
+    real = launcher.free_port
+    monkeypatch.setattr(launcher, "free_port", lambda: next(draws, None) or real())
+    try:
+        with running_server(
+            tiny_model_path, ["--kv-policy", "none", "--max-total-tokens", "4096"]
+        ) as s:
+            assert not s.base_url.endswith(f":{taken}")
+            reply = chat_request(s.base_url, "What colour is the circle?", demo_image(), 4)
+    finally:
+        held.close()
+    assert reply["choices"][0]["message"]["content"]
+    assert next(draws, "used") == "used"  # the taken port was drawn first
+
+
 def test_http_server_chat_with_image(tiny_model_path):
     with running_server(
         tiny_model_path, ["--kv-policy", "none", "--max-total-tokens", "4096"]
