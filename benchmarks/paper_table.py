@@ -221,13 +221,10 @@ def chance(expected: list[str]) -> float:
 def errors_by_question(record: dict) -> str:
     """The full cache's wrong answers per distinct question of a run's JSON record, e.g.
     ``What number is printed in blue? 3/78; ...`` (sorted by question)."""
-    wrong: dict[str, list[int]] = {}
     answers = record["answers"]["full@None"]
-    for text, expected, question in zip(answers, record["expected"], record["asked"], strict=True):
-        counts = wrong.setdefault(question, [0, 0])
-        counts[0] += text.strip() != expected
-        counts[1] += 1
-    return "; ".join(f"{q} {w}/{n}" for q, (w, n) in sorted(wrong.items()))
+    right = [t.strip() == e for t, e in zip(answers, record["expected"], strict=True)]
+    wrong = vqa.wrong_by_question(record["asked"], right)
+    return "; ".join(f"{q} {w}/{n}" for q, (w, n) in wrong.items())
 
 
 def render(record: dict) -> str:

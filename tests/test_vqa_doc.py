@@ -74,7 +74,7 @@ def test_doc_answer_is_the_word_printed_in_the_asked_colour(index):
     s = vqa.sample("test", index, task="doc")
     pixels = np.asarray(s.image)
     assert s.image.size == (vqa.IMAGE_SIZE, vqa.IMAGE_SIZE)
-    colour = s.question.removeprefix("What number is printed in ").removesuffix("?")
+    colour = _colour(s.question)
     cells = {(r, c): _read_cell(pixels, r, c) for r in range(vqa.GRID) for c in range(vqa.GRID)}
     assert sorted(cell for cell, (_, ink) in cells.items() if ink == colour) == list(s.evidence)
     read = "".join(cells[cell][0] for cell in s.evidence)
@@ -87,8 +87,12 @@ def test_doc_answer_is_the_word_printed_in_the_asked_colour(index):
     assert len(inks) == len(s.questions) and (s.question, s.answer) in s.questions
 
 
+def _colour(question: str) -> str:
+    return question.removeprefix("What number is printed in ").removesuffix("?")
+
+
 def _inks(s: vqa.VQASample) -> list[str]:
-    return [q.removeprefix("What number is printed in ").removesuffix("?") for q, _ in s.questions]
+    return [_colour(q) for q, _ in s.questions]
 
 
 def test_included_colours_are_on_the_page_and_asked():
@@ -97,7 +101,7 @@ def test_included_colours_are_on_the_page_and_asked():
     one number first only when it is above 0, so the splits stay as they are."""
     pair = ("blue", "orange")
     pages = vqa.dataset("train", 40, 500, task="doc", include=pair, include_fraction=1.0)
-    asked = [s.question.removeprefix("What number is printed in ").removesuffix("?") for s in pages]
+    asked = [_colour(s.question) for s in pages]
     assert set(asked) == set(pair)
     for s in pages:
         assert set(pair) <= set(_inks(s)) and len(set(_inks(s))) == len(s.questions)

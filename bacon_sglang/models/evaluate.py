@@ -31,11 +31,6 @@ def evaluate(model_dir: Path, task: str, split: str, n: int, start: int = 0) -> 
     with torch.no_grad():
         answers = train.greedy_answers(model, tokenizer, samples)
     right = [vqa.exact_match(a, s) for a, s in zip(answers, samples, strict=True)]
-    per_question: dict[str, list[int]] = {}
-    for s, ok in zip(samples, right, strict=True):
-        counts = per_question.setdefault(s.question, [0, 0])
-        counts[0] += not ok
-        counts[1] += 1
     return {
         "model": str(model_dir),
         "task": task,
@@ -44,7 +39,7 @@ def evaluate(model_dir: Path, task: str, split: str, n: int, start: int = 0) -> 
         "questions": n,
         "right": sum(right),
         "exact_match": sum(right) / n,
-        "wrong_by_question": dict(sorted(per_question.items())),
+        "wrong_by_question": vqa.wrong_by_question([s.question for s in samples], right),
     }
 
 

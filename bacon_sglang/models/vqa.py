@@ -424,3 +424,14 @@ def dataset(
 def exact_match(prediction: str, sample_: VQASample) -> bool:
     """Whether ``prediction`` is the expected answer (surrounding whitespace ignored)."""
     return prediction.strip() == sample_.answer
+
+
+def wrong_by_question(questions: list[str], right: list[bool]) -> dict[str, list[int]]:
+    """``{question: [wrong, asked]}`` over parallel lists of questions and whether each was
+    answered right, sorted by question."""
+    counts: dict[str, list[int]] = {}
+    for question, ok in zip(questions, right, strict=True):
+        tally = counts.setdefault(question, [0, 0])
+        tally[0] += not ok
+        tally[1] += 1
+    return dict(sorted(counts.items()))
