@@ -193,9 +193,10 @@ def test_curriculum_pages():
     assert all(r < 3 and c < 10 for r, c in page.evidence)
 
 
-@pytest.mark.parametrize(
-    "extra", [[], ["--include", "blue,orange", "--include-fraction", "0.5", "--ink-loss", "1"]]
-)
+PAIRS = ["--include", "blue,orange", "--include-fraction", "0.5", "--ink-loss", "1"]
+
+
+@pytest.mark.parametrize("extra", [[], PAIRS, [*PAIRS, "--ink-probe-scale", "16"]])
 def test_a_stopped_and_resumed_run_equals_the_straight_run(tmp_path, extra):
     """``--until`` stops a run with its schedule intact; ``--resume`` continues it to the
     same fp32 weights as a run that never stopped (the stages of tiny_doc's training), also
@@ -224,13 +225,28 @@ def test_a_stopped_and_resumed_run_equals_the_straight_run(tmp_path, extra):
         for run in ("straight", "staged")
     ]
     assert (probes[0] is None) == (not extra)
-    if extra:  # trained (it starts at zero), resumed, and not part of the saved model
+    if extra:  # trained (the linear one starts at zero), resumed, not part of the saved model
         assert probes[0]["weight"].abs().sum() > 0
         assert torch.equal(probes[0]["weight"], probes[1]["weight"])
         with safe_open(tmp_path / "staged" / "model.safetensors", "pt") as f:
             assert not any("probe" in k for k in f.keys())
             assert len(list(f.keys())) == len(tiny.weight_shapes(train.spec_of(
                 argparse.Namespace(layers=1)), 1024))  # fmt: skip
+
+
+def test_cosine_probe_reads_directions_only():
+    """``--ink-probe-scale S``: logits are S x the cosine of token and class weight, so
+    scaling a token (or a class weight) changes nothing; only the direction counts."""
+    torch.manual_seed(0)
+    probe = train.CosineProbe(8, 3, scale=16.0)
+    tokens = torch.randn(5, 8)
+    logits = probe(tokens)
+    cos = torch.nn.functional.cosine_similarity(tokens[:, None], probe.weight[None], dim=-1)
+    torch.testing.assert_close(logits, 16.0 * cos)
+    torch.testing.assert_close(probe(7.0 * tokens), logits)
+    with torch.no_grad():
+        probe.weight.mul_(100.0)
+    torch.testing.assert_close(probe(tokens), logits)
 
 
 def test_ink_similarity_table():
@@ -254,6 +270,12 @@ def test_ink_similarity_table():
     patches = ink_similarity.word_tokens(model, "red", patch_embed=True)
     assert patches.shape == (4 * len(ink_similarity.WORD), model.config.vision_config.embed_dim)
     assert ink_similarity.similarity(model, patch_embed=True)[("red", "red")] == pytest.approx(1.0)
+    # --stages: one pair module by module; the last stage is the tower's output (the table)
+    stages = ink_similarity.stage_similarity(model, "red", "black")
+    assert list(stages) == [name for name, _ in ink_similarity.tower_stages(model)]
+    assert list(stages)[0] == "patch_embed" and len(stages) == 1 + 1 + 1 + 3
+    assert stages["merger.mlp.2"] == pytest.approx(sim[("red", "black")], abs=1e-6)
+    assert ink_similarity.stage_similarity(model, "red", "red")["blocks.0"] == pytest.approx(1.0)
 
 
 def test_evaluate_counts_right_answers_per_question():

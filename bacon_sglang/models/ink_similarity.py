@@ -7,7 +7,8 @@ the word ``3838`` in its first slot; for each pair of inks, the cosine similarit
 4 image tokens (mean over the 4) at the tower's output (the merged tokens the language model
 reads), or with ``--patch-embed`` of its 16 patches after the patch embedding. A pair near 1.0
 at the output is a pair of colours the language model can hardly tell apart: the document
-model's questions about that pair's words then fail (its model card).
+model's questions about that pair's words then fail (its model card). ``--stages blue,orange``
+follows one pair through the tower instead, module by module: where the two inks fold together.
 """
 
 from __future__ import annotations
@@ -41,6 +42,43 @@ def word_tokens(model, ink: str, patch_embed: bool = False) -> torch.Tensor:
     return tokens[cells].float()
 
 
+def tower_stages(model) -> list[tuple[str, torch.nn.Module]]:
+    """The vision tower's modules in forward order, named: the patch embedding, each block, the
+    merger's LayerNorm, each layer of its MLP."""
+    visual = model.model.visual
+    stages = [("patch_embed", visual.patch_embed)]
+    stages += [(f"blocks.{i}", block) for i, block in enumerate(visual.blocks)]
+    stages.append(("merger.ln_q", visual.merger.ln_q))
+    stages += [(f"merger.mlp.{i}", layer) for i, layer in enumerate(visual.merger.mlp)]
+    return stages
+
+
+def stage_similarity(model, a: str, b: str) -> dict[str, float]:
+    """Cosine similarity of :data:`WORD` printed in ink ``a`` and in ink ``b`` at the output of
+    each of :func:`tower_stages` (mean over the word's cells; before the merger a cell is its 4
+    patches side by side, ``[4 * vision embed]``, as the merger reads them)."""
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        module.register_forward_hook(
+            lambda _m, _i, out, name=name: outputs.__setitem__(name, out.detach().float())
+        )
+        for name, module in tower_stages(model)
+    ]
+    cells = {}
+    try:
+        for ink in (a, b):
+            word_tokens(model, ink)
+            cells[ink] = {
+                name: out.reshape(vqa.GRID * vqa.GRID, -1)[1 : 1 + len(WORD)]  # cells (0, 1)..
+                for name, out in outputs.items()
+            }
+    finally:
+        for hook in hooks:
+            hook.remove()
+    cos = torch.nn.functional.cosine_similarity
+    return {name: float(cos(cells[a][name], cells[b][name], dim=-1).mean()) for name in cells[a]}
+
+
 def similarity(model, patch_embed: bool = False) -> dict[tuple[str, str], float]:
     """Cosine similarity of :func:`word_tokens` for every pair of inks (both orders)."""
     tokens = {ink: word_tokens(model, ink, patch_embed) for ink in vqa.COLOURS}
@@ -63,9 +101,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--patch-embed", action="store_true", help="after the patch embedding")
+    parser.add_argument(
+        "--stages",
+        type=lambda v: tuple(v.split(",")),
+        default=None,
+        metavar="INK,INK",
+        help="one pair of inks through the tower, module by module",
+    )
     args = parser.parse_args(argv)
     model = Qwen2VLForConditionalGeneration.from_pretrained(args.model_dir, dtype=torch.float32)
-    print(markdown(similarity(model.eval(), args.patch_embed)))
+    model.eval()
+    if args.stages:
+        a, b = args.stages
+        print(f"| tower stage | {a} vs {b} |\n|---|---|")
+        print("\n".join(f"| {k} | {v:.4f} |" for k, v in stage_similarity(model, a, b).items()))
+    else:
+        print(markdown(similarity(model, args.patch_embed)))
 
 
 if __name__ == "__main__":

@@ -158,6 +158,21 @@ def ink_labels(s: vqa.VQASample) -> torch.Tensor:
     return labels
 
 
+class CosineProbe(torch.nn.Module):
+    """Logits ``scale * cos(token, class weight)``: ``[N, hidden] -> [N, classes]``. Its loss
+    falls only as far as the classes' tokens point apart (a linear probe's loss also falls as
+    its weights grow, with the tokens barely moved)."""
+
+    def __init__(self, hidden: int, classes: int, scale: float) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(classes, hidden) * 0.02)
+        self.scale = scale
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        unit = torch.nn.functional.normalize
+        return self.scale * unit(tokens, dim=-1) @ unit(self.weight, dim=-1).T
+
+
 def check_patchify(model_dir: Path) -> None:
     """Raise if :func:`patchify` differs from the processor's ``pixel_values``."""
     from transformers import AutoProcessor
@@ -292,12 +307,15 @@ def train(args: argparse.Namespace) -> dict:
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     groups = [{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}]
-    # --ink-loss: a linear probe on the vision tower's output tokens must tell each coloured
-    # cell's ink; training only (never saved with the model).
+    # --ink-loss: a probe on the vision tower's output tokens must tell each coloured cell's
+    # ink; training only (never saved with the model).
     probe, vision = None, {}
-    if args.ink_loss:
+    if args.ink_loss and args.ink_probe_scale:
+        probe = CosineProbe(spec.hidden_size, len(vqa.MARK_COLOURS), args.ink_probe_scale)
+    elif args.ink_loss:
         probe = torch.nn.Linear(spec.hidden_size, len(vqa.MARK_COLOURS))
         torch.nn.init.zeros_(probe.weight)  # no gradient into the tower until the probe reads
+    if probe is not None:
         groups.append({"params": list(probe.parameters()), "weight_decay": 0.0})
         model.model.visual.merger.register_forward_hook(
             lambda module, inputs, output: vision.__setitem__("tokens", output)
@@ -463,6 +481,7 @@ def _save(
         "include": list(args.include),
         "include_fraction": args.include_fraction,
         "ink_loss": args.ink_loss,
+        "ink_probe_scale": args.ink_probe_scale,
         "until": args.until,
         "init": str(args.init) if args.init else None,
         "small_grids": list(args.small_grids),
@@ -541,6 +560,13 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="weight of an auxiliary loss: a linear probe (training only) names the ink of every"
         " coloured cell from the vision tower's output tokens",
+    )
+    parser.add_argument(
+        "--ink-probe-scale",
+        type=float,
+        default=0.0,
+        help="with --ink-loss: the probe compares unit vectors, logits = this x cosine (0: a"
+        " linear probe), so that its loss falls only as the inks' tokens point apart",
     )
     parser.add_argument(
         "--until",
