@@ -114,8 +114,14 @@ def test_included_colours_are_on_the_page_and_asked():
     assert [_key(s) for s in off] == plain
     half = vqa.dataset("train", 40, 500, task="doc", include=pair, include_fraction=0.5)
     assert 0 < sum(not set(pair) <= set(_inks(s)) for s in half) < 40
-    with pytest.raises(SystemExit):
-        train.main(["unused", "--task", "doc", "--steps", "1", "--include", "blue,teal"])
+    for ignored_or_wrong in (
+        ["--include", "blue,teal", "--include-fraction", "0.5"],
+        ["--include", "blue,orange"],
+        ["--include-fraction", "0.5"],
+        ["--ink-probe-scale", "16"],
+    ):
+        with pytest.raises(SystemExit):
+            train.main(["unused", "--task", "doc", "--steps", "1", *ignored_or_wrong])
 
 
 def test_ink_labels_name_the_coloured_cells():
@@ -289,3 +295,74 @@ def test_evaluate_counts_right_answers_per_question():
     assert sum(n for _, n in result["wrong_by_question"].values()) == 3
     assert sum(w for w, _ in result["wrong_by_question"].values()) == 3 - result["right"]
     assert set(result["wrong_by_question"]) == {s.question for s in samples}
+
+
+def test_evaluate_and_the_paper_table_decode_alike():
+    """Two greedy decoders judge the document model: transformers' ``generate`` (``train.
+    greedy_answers``: training's val numbers and ``models/evaluate.py``, by which a stage is
+    shipped) and :func:`reference.decode_with_keep_sets` with no keep-set (the paper table's
+    full-cache row). They must give the same answers, or the two numbers are not comparable."""
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    from bacon_sglang.reference import decode_with_keep_sets
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        vqa.DOC_MODEL_DIR, dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(vqa.DOC_MODEL_DIR)
+    eos = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    samples = vqa.dataset("val", 6, start=40, task="doc")
+    with torch.no_grad():
+        generated = train.greedy_answers(model, tokenizer, samples, max_new=16)
+        looped = []
+        for s in samples:
+            inputs = train.make_batch(tokenizer, [s], with_answers=False).inputs()
+            tokens, _ = decode_with_keep_sets(model, inputs, None, 16, stop=eos)
+            looped.append(tokenizer.decode(tokens, skip_special_tokens=True))
+    assert looped == generated
+    assert sum(vqa.exact_match(a, s) for a, s in zip(looped, samples, strict=True)) >= 3
+
+
+def test_train_script_runs_five_stages_once_with_the_extra_flags(tmp_path):
+    """``tiny_doc/train.sh OUT FLAG...``: five stages in order, each with FLAGs, stages 2-3
+    resuming OUT and 4-5 starting from the stage before; run again, it starts nothing (each
+    stage is skipped once its ``training.json`` reaches its steps). ``python`` is a stub that
+    records each training command and writes the steps it would reach."""
+    import os
+    import subprocess
+    import sys
+
+    log = tmp_path / "commands.txt"
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir()
+    stub.write_text(
+        f"""#!{sys.executable}
+import json, os, subprocess, sys
+args = sys.argv[1:]
+if args[0] == "-c":
+    sys.exit(subprocess.call([{sys.executable!r}, *args]))
+out = next(a for i, a in enumerate(args) if a.startswith({str(tmp_path)!r})
+           and args[i - 1] not in ("--init", "--resume"))
+with open({str(log)!r}, "a") as f:
+    f.write(out + "|" + " ".join(args) + "\\n")
+os.makedirs(out, exist_ok=True)
+stop = "--until" if "--until" in args else "--steps"
+steps = int(args[args.index(stop) + 1])
+json.dump({{"steps": steps}}, open(os.path.join(out, "training.json"), "w"))
+"""
+    )
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}"}
+    script = vqa.DOC_MODEL_DIR / "train.sh"
+    out = tmp_path / "run"
+    for _ in range(2):
+        subprocess.run(
+            ["bash", str(script), str(out), "--ink-loss", "1", "--ink-probe-scale", "16"],
+            env=env, check=True, capture_output=True,
+        )  # fmt: skip
+    outs, commands = zip(*(line.split("|") for line in log.read_text().splitlines()), strict=True)
+    assert len(commands) == 5
+    assert all(" --ink-loss 1 --ink-probe-scale 16 " in c for c in commands)
+    assert outs == (str(out),) * 3 + (str(out / "stage4"), str(out / "stage5"))
+    assert [f"--resume {out} " in c for c in commands] == [False, True, True, False, False]
+    assert f"--init {out} " in commands[3] and f"--init {out / 'stage4'} " in commands[4]

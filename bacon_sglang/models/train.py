@@ -598,6 +598,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give --steps or --minutes")
     if unknown := [c for c in args.include if c not in vqa.MARK_COLOURS]:
         parser.error(f"--include: unknown colour(s) {unknown}; known: {vqa.MARK_COLOURS}")
+    if bool(args.include) != (args.include_fraction > 0):
+        parser.error("--include and --include-fraction go together (one alone does nothing)")
+    if args.ink_probe_scale and not args.ink_loss:
+        parser.error("--ink-probe-scale needs --ink-loss (without it there is no probe)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     record = train(args)
     print(json.dumps({k: v for k, v in record.items() if k != "history"}, indent=2))

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # tiny_doc's training from scratch, stage after stage (see README.md next to this file).
-# Usage: bash bacon_sglang/models/tiny_doc/train.sh OUT   (from the repository root, with the
-# project's virtual environment active). Stages 1-3 save OUT, stages 4 and 5 OUT/stage4 and
-# OUT/stage5 (the shipped model), resumably (trainer_state.pt); a stopped stage is continued
-# by running this script again with the same OUT.
+# Usage: bash bacon_sglang/models/tiny_doc/train.sh OUT [FLAG ...]   (from the repository root,
+# with the project's virtual environment active). Stages 1-3 save OUT, stages 4 and 5 OUT/stage4
+# and OUT/stage5 (the shipped model), resumably (trainer_state.pt); a stopped stage is continued
+# by running this script again with the same OUT and FLAGs. FLAGs (train.py's, e.g. --ink-loss 1
+# --ink-probe-scale 16) are added to every stage; the shipped model was trained without any.
 set -euo pipefail
-OUT=${1:?usage: train.sh OUT}
+OUT=${1:?usage: train.sh OUT [FLAG ...]}
+shift
+EXTRA="$*"
 TRAIN="python -m bacon_sglang.models.train $OUT --task doc --layers 8 --small-batch 16
   --batch 8 --follow-ups 6 --lr 1e-3 --warmup 50 --seed 0 --threads 2 --eval-n 48
-  --save-minutes 10"
+  --save-minutes 10 $EXTRA"
 
 steps_done() {  # steps_done DIR
   python -c "import json, sys; print(json.load(open(sys.argv[1]))['steps'])" \
@@ -36,7 +39,8 @@ fi
 # 20 warm-up steps, cosine over 3,000 steps), 16 x 16 pages only, train pages from index 88,000
 # (the 6,800 steps above used 0-87,999).
 FINE="python -m bacon_sglang.models.train --task doc --layers 8 --small-fraction 0 --batch 8
-  --follow-ups 6 --warmup 20 --seed 0 --threads 2 --eval-n 96 --save-minutes 10 --log-every 10"
+  --follow-ups 6 --warmup 20 --seed 0 --threads 2 --eval-n 96 --save-minutes 10 --log-every 10
+  $EXTRA"
 if [ "$(steps_done "$OUT/stage4")" -lt 3000 ]; then
   $FINE "$OUT/stage4" $(resume "$OUT/stage4") --init "$OUT" --offset 88000 --steps 3000 \
     --lr 3e-4 --eval-every 500
