@@ -295,6 +295,24 @@ def test_evaluate_counts_right_answers_per_question():
     assert sum(n for _, n in result["wrong_by_question"].values()) == 3
     assert sum(w for w, _ in result["wrong_by_question"].values()) == 3 - result["right"]
     assert set(result["wrong_by_question"]) == {s.question for s in samples}
+    instead = result["answered_instead"]
+    assert sum(sum(t.values()) for t in instead.values()) == 3 - result["right"]
+
+
+def test_mix_ups_name_the_word_answered_instead():
+    """A wrong answer that is another coloured word of the page is tallied under that word's
+    question; one that is none of them under ``NOT_ON_THE_PAGE``; right answers not at all."""
+    from bacon_sglang.models import evaluate
+
+    s = vqa.sample("val", 7, task="doc")
+    (other_q, other_a), *_ = [(q, a) for q, a in s.questions if q != s.question]
+    samples = [s, s, s, s]
+    answers = [s.answer, f" {other_a}", other_a + "0", other_a]
+    assert vqa.question_answered(answers[1], s) == other_q
+    assert vqa.question_answered(answers[0], s) == s.question
+    assert evaluate.mix_ups(answers, samples) == {
+        s.question: {other_q: 2, evaluate.NOT_ON_THE_PAGE: 1}
+    }
 
 
 def test_evaluate_and_the_paper_table_decode_alike():

@@ -1,4 +1,4 @@
-"""Full-cache exact match of a trained checkpoint on a split, with the wrong answers per question.
+"""Full-cache exact match of a checkpoint on a split, wrong answers per question, mix-ups.
 
     python -m bacon_sglang.models.evaluate bacon_sglang/models/tiny_doc --task doc --split val
 
@@ -17,10 +17,25 @@ import torch
 
 from bacon_sglang.models import train, vqa
 
+NOT_ON_THE_PAGE = "none of the page's coloured words"
+
+
+def mix_ups(answers: list[str], samples: list[vqa.VQASample]) -> dict[str, dict[str, int]]:
+    """``{asked question: {question whose word was answered instead: count}}`` over the wrong
+    answers (``NOT_ON_THE_PAGE`` when the answer is no other coloured word of the page)."""
+    out: dict[str, dict[str, int]] = {}
+    for answer, s in zip(answers, samples, strict=True):
+        if not vqa.exact_match(answer, s):
+            instead = vqa.question_answered(answer, s) or NOT_ON_THE_PAGE
+            tally = out.setdefault(s.question, {})
+            tally[instead] = tally.get(instead, 0) + 1
+    return {q: dict(sorted(t.items())) for q, t in sorted(out.items())}
+
 
 def evaluate(model_dir: Path, task: str, split: str, n: int, start: int = 0) -> dict:
-    """Exact match of ``model_dir`` on samples ``start .. start + n - 1`` of ``split``, and per
-    distinct question ``[wrong, asked]``."""
+    """Exact match of ``model_dir`` on samples ``start .. start + n - 1`` of ``split``, per
+    distinct question ``[wrong, asked]``, and (document task) whose word each wrong answer
+    is (:func:`mix_ups`)."""
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(
@@ -40,6 +55,7 @@ def evaluate(model_dir: Path, task: str, split: str, n: int, start: int = 0) -> 
         "right": sum(right),
         "exact_match": sum(right) / n,
         "wrong_by_question": vqa.wrong_by_question([s.question for s in samples], right),
+        "answered_instead": mix_ups(answers, samples) if task == "doc" else {},
     }
 
 

@@ -426,6 +426,12 @@ def exact_match(prediction: str, sample_: VQASample) -> bool:
     return prediction.strip() == sample_.answer
 
 
+def question_answered(prediction: str, sample_: VQASample) -> str | None:
+    """The question of ``sample_``'s page (``questions``: one per coloured word) whose answer
+    ``prediction`` is, or None: for a wrong answer, the other coloured word it read instead."""
+    return next((q for q, a in sample_.questions if prediction.strip() == a), None)
+
+
 def wrong_by_question(questions: list[str], right: list[bool]) -> dict[str, list[int]]:
     """``{question: [wrong, asked]}`` over parallel lists of questions and whether each was
     answered right, sorted by question."""
