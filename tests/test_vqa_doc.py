@@ -240,6 +240,31 @@ def test_a_stopped_and_resumed_run_equals_the_straight_run(tmp_path, extra):
                 argparse.Namespace(layers=1)), 1024))  # fmt: skip
 
 
+def test_a_probe_added_on_resume_starts_fresh_and_keeps_the_model_state(tmp_path):
+    """``--resume`` with ``--ink-loss`` added (a probe from a later stage on): the probe and
+    its AdamW group start fresh, the model's optimiser state, schedule and data continue. With
+    a negligible probe weight (1e-30) the weights equal those of a run without the probe; a
+    run that had a probe cannot be resumed without it."""
+    common = [
+        "--task", "doc", "--layers", "1", "--steps", "4", "--small-grids", "1x5,2x5",
+        "--small-fraction", "0.5", "--small-batch", "2", "--batch", "1", "--follow-ups", "1",
+        "--warmup", "1", "--threads", "1", "--eval-every", "0", "--log-every", "100",
+    ]  # fmt: skip
+    probe = ["--ink-loss", "1e-30", "--ink-probe-scale", "16"]
+    train.main([str(tmp_path / "straight"), *common])
+    train.main([str(tmp_path / "staged"), *common, "--until", "2"])
+    train.main([str(tmp_path / "staged"), *common, *probe, "--resume", str(tmp_path / "staged")])
+    straight, staged = (
+        torch.load(tmp_path / run / train.TRAINER_STATE, weights_only=False)
+        for run in ("straight", "staged")
+    )
+    assert staged["step"] == 4 and staged["ink_probe"]["weight"].shape[0] == len(vqa.MARK_COLOURS)
+    assert len(staged["optimizer"]["param_groups"]) == 3
+    assert all(torch.equal(straight["model"][k], staged["model"][k]) for k in straight["model"])
+    with pytest.raises(SystemExit):
+        train.main([str(tmp_path / "again"), *common, "--resume", str(tmp_path / "staged")])
+
+
 def test_cosine_probe_reads_directions_only():
     """``--ink-probe-scale S``: logits are S x the cosine of token and class weight, so
     scaling a token (or a class weight) changes nothing; only the direction counts."""

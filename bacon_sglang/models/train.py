@@ -316,11 +316,11 @@ def train(args: argparse.Namespace) -> dict:
         probe = torch.nn.Linear(spec.hidden_size, len(vqa.MARK_COLOURS))
         torch.nn.init.zeros_(probe.weight)  # no gradient into the tower until the probe reads
     if probe is not None:
-        groups.append({"params": list(probe.parameters()), "weight_decay": 0.0})
         model.model.visual.merger.register_forward_hook(
             lambda module, inputs, output: vision.__setitem__("tokens", output)
         )
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
+    probe_group = {"params": list(probe.parameters()), "weight_decay": 0.0} if probe else None
     is_id, a_id = (tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (" is", " a"))
     digits = None
     if args.task == "doc":
@@ -333,14 +333,21 @@ def train(args: argparse.Namespace) -> dict:
     if args.resume:
         state = torch.load(Path(args.resume) / TRAINER_STATE, weights_only=False)
         model.load_state_dict(state["model"])
+        if probe is not None and "ink_probe" in state:
+            probe.load_state_dict(state["ink_probe"])
+            opt.add_param_group(probe_group)
+            probe_group = None
+        elif "ink_probe" in state:
+            raise SystemExit(f"{args.resume} was trained with --ink-loss: resume it with it")
+        # A probe added by this stage starts fresh, its AdamW group after the model's.
         opt.load_state_dict(state["optimizer"])
         step, seen, already = state["step"], state["seen"], state["seconds"]
         history, small_steps = state["history"], state["small_steps"]
         torch.set_rng_state(state["torch_rng"])
         stages = state.get("stages", [])
-        if probe is not None:
-            probe.load_state_dict(state["ink_probe"])
         logger.info("resumed %s at step %d (%.0f s done)", args.resume, step, already)
+    if probe_group is not None:
+        opt.add_param_group(probe_group)
     stages.append(
         {"from_step": step, "command": "python -m bacon_sglang.models.train " + " ".join(args.argv)}
     )
