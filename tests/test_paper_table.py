@@ -117,3 +117,26 @@ def test_merge_of_shards_recomputes_the_table(tmp_path):
     assert (test["base_only"], test["other_only"]) == (0, 2)
     with pytest.raises(SystemExit):
         paper_table.merge([shard(0, 3, 3, 3, 1.0), shard(4, 2, 2, 2, 1.0)], tmp_path)
+
+
+def test_full_cache_row_decodes_as_evaluate_does():
+    """Two greedy decoders judge the document model: transformers' ``generate``
+    (``train.greedy_answers``: training's val numbers and ``models/evaluate.py``, by which a
+    stage is shipped) and :func:`paper_table.full_cache_answers` (the table's full-cache row,
+    the keep-set decoder with no keep-set). They must give the same answers, or the two
+    numbers are not comparable."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    from bacon_sglang.models import train, vqa
+
+    samples = vqa.dataset("val", 6, start=40, task="doc")
+    table = paper_table.full_cache_answers(vqa.DOC_MODEL_DIR, samples)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        vqa.DOC_MODEL_DIR, dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(vqa.DOC_MODEL_DIR)
+    with torch.no_grad():
+        generated = train.greedy_answers(model, tokenizer, samples, max_new=paper_table.MAX_NEW)
+    assert table == generated
+    assert sum(vqa.exact_match(a, s) for a, s in zip(table, samples, strict=True)) >= 3

@@ -339,14 +339,13 @@ def train(args: argparse.Namespace) -> dict:
             probe_group = None
         elif "ink_probe" in state:
             raise SystemExit(f"{args.resume} was trained with --ink-loss: resume it with it")
-        # A probe added by this stage starts fresh, its AdamW group after the model's.
         opt.load_state_dict(state["optimizer"])
         step, seen, already = state["step"], state["seen"], state["seconds"]
         history, small_steps = state["history"], state["small_steps"]
         torch.set_rng_state(state["torch_rng"])
         stages = state.get("stages", [])
         logger.info("resumed %s at step %d (%.0f s done)", args.resume, step, already)
-    if probe_group is not None:
+    if probe_group is not None:  # a new probe (also one added on resume): a fresh AdamW group
         opt.add_param_group(probe_group)
     stages.append(
         {"from_step": step, "command": "python -m bacon_sglang.models.train " + " ".join(args.argv)}
