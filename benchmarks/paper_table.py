@@ -222,7 +222,7 @@ def errors_by_question(record: dict) -> str:
     """The full cache's wrong answers per distinct question of a run's JSON record, e.g.
     ``What number is printed in blue? 3/78; ...`` (sorted by question)."""
     answers = record["answers"]["full@None"]
-    right = [t.strip() == e for t, e in zip(answers, record["expected"], strict=True)]
+    right = [vqa.is_answer(t, e) for t, e in zip(answers, record["expected"], strict=True)]
     wrong = vqa.wrong_by_question(record["asked"], right)
     return "; ".join(f"{q} {w}/{n}" for q, (w, n) in wrong.items())
 

@@ -421,15 +421,21 @@ def dataset(
     ]
 
 
+def is_answer(prediction: str, answer: str) -> bool:
+    """Whether ``prediction`` is ``answer`` (surrounding whitespace ignored): the one rule of
+    exact match, for samples and for recorded (answer, expected) strings alike."""
+    return prediction.strip() == answer
+
+
 def exact_match(prediction: str, sample_: VQASample) -> bool:
-    """Whether ``prediction`` is the expected answer (surrounding whitespace ignored)."""
-    return prediction.strip() == sample_.answer
+    """Whether ``prediction`` is the expected answer of ``sample_`` (``is_answer``)."""
+    return is_answer(prediction, sample_.answer)
 
 
 def question_answered(prediction: str, sample_: VQASample) -> str | None:
     """The question of ``sample_``'s page (``questions``: one per coloured word) whose answer
     ``prediction`` is, or None: for a wrong answer, the other coloured word it read instead."""
-    return next((q for q, a in sample_.questions if prediction.strip() == a), None)
+    return next((q for q, a in sample_.questions if is_answer(prediction, a)), None)
 
 
 def wrong_by_question(questions: list[str], right: list[bool]) -> dict[str, list[int]]:
