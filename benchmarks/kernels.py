@@ -10,6 +10,9 @@ speed-up over the reference, as a table, and writes the same rows as JSON.
   gather K, ``scoring.window_attention``, means. ``window_1pass`` (GPU only): the kernel given
   the rows' log-sum-exp, so it reads K once instead of twice.
 - ``calibrate``: bytes = the packed column scores read and B, E, V written (fp32).
+- ``keepset_bacon`` / ``keepset_snapkv``: one layer's ``kernels.keep_sets``, the call the
+  integration makes per layer and prefill batch (scores, calibration with 4 earlier layers'
+  evidence, selection of ``BUDGET - WINDOW`` per head); bytes as ``window_scores``.
 - ``compact`` (all layers, K and V, keeping ``--keep`` of each private prompt per head):
   bytes = kept bytes read + written; ``copy`` = a plain device copy of as many bytes, the
   bound the kernel is measured against.
@@ -92,6 +95,17 @@ def bench_size(n: int, batch: int, args: argparse.Namespace, gen: torch.Generato
     times = time_backends(fn, backends, device, args.repeats)
     nbytes = (2 * batch * n + 3 * batch * (n - WINDOW)) * KV_HEADS * 4
     rows.append(result("calibrate", n, batch, nbytes, times))
+
+    # One layer's whole call from the integration (scores, calibration, selection), BACON
+    # with the persistence term over 4 earlier layers, and SnapKV.
+    prev = [torch.rand(batch * (n - WINDOW), KV_HEADS, generator=gen).to(device)] * 4
+    for name, calibrated in (("keepset_bacon", True), ("keepset_snapkv", False)):
+        fn = partial(
+            kernels.keep_sets, q, q_indptr, k_buffer, index, [BUDGET - WINDOW] * batch,
+            [0] * batch, calibrated=calibrated, prev_evidence=prev if calibrated else (),
+        )  # fmt: skip
+        times = time_backends(fn, backends, device, args.repeats)
+        rows.append(result(name, n, batch, k_buffer[1:].nbytes, times))
     del q, k_buffer, scores
 
     layers = args.layers

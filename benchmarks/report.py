@@ -218,7 +218,10 @@ def kernels_section(paths: list[Path]) -> str:
     parts = [
         "## Kernels",
         "`python benchmarks/kernels.py`: each kernel against its PyTorch reference on "
-        "Qwen2-VL-7B's shapes; on CPU only the references run (Triton needs a GPU).",
+        "Qwen2-VL-7B's shapes; on CPU only the references run (Triton needs a GPU). The GPU "
+        "table is the one `python benchmarks/gpu_check.py --steps kernel-tests kernel-bench` "
+        "wrote; its report (the compiled kernel tests' result, each row's time over moving "
+        "its bytes once) is the newest `<date>-gpu/gpu_check.json`.",
     ]
     for path in paths:
         parts += [files(path), kernels.render(json.loads(path.read_text()))]

@@ -18,6 +18,7 @@ requests disjoint slots. Out of place the destination slots are no one's source.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -29,21 +30,22 @@ from bacon_sglang.paged import KVIndex
 
 from .window_scores import slot_of
 
-_TL_BITS = {1: tl.int8, 2: tl.int16, 4: tl.int32, 8: tl.int64}
+_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @triton.jit
 def _compact_kernel(
-    k_ptrs, v_ptrs, table, starts, dst_table, dst_starts, prefix_lens, keep, keep_indptr,
-    keep_stride_l, keep_stride_h, stride_ks, stride_kh, stride_vs, stride_vh,
-    ELEM: tl.constexpr, PAGE: tl.constexpr, DST_PAGE: tl.constexpr, DIM_K: tl.constexpr,
+    k_base, v_base, k_layer_offsets, v_layer_offsets, table, starts, dst_table, dst_starts,
+    prefix_lens, keep, keep_indptr, keep_stride_l, keep_stride_h, stride_ks, stride_kh,
+    stride_vs, stride_vh, PAGE: tl.constexpr, DST_PAGE: tl.constexpr, DIM_K: tl.constexpr,
     DIM_V: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):  # fmt: skip
     req = tl.program_id(0)
     layer = tl.program_id(1)
     h = tl.program_id(2)
-    k_buf = tl.load(k_ptrs + layer).to(tl.pointer_type(ELEM))
-    v_buf = tl.load(v_ptrs + layer).to(tl.pointer_type(ELEM))
+    k_layer = tl.load(k_layer_offsets + layer)
+    v_layer = tl.load(v_layer_offsets + layer)
     start = tl.load(starts + req)
     dst_start = tl.load(dst_starts + req)
     prefix = tl.load(prefix_lens + req)
@@ -61,22 +63,40 @@ def _compact_kernel(
         move = valid & (src != dst)  # tokens already in place stay
         k_mask = move[:, None] & (dk < DIM_K)[None, :]
         v_mask = move[:, None] & (dv < DIM_V)[None, :]
-        k_rows = tl.load(k_buf + src[:, None] * stride_ks + h * stride_kh + dk[None, :], k_mask)
-        v_rows = tl.load(v_buf + src[:, None] * stride_vs + h * stride_vh + dv[None, :], v_mask)
+        # Row starts in elements from the base; ALIGN divides each of them (the launcher
+        # checks), which lets Triton move 16 bytes per instruction instead of one element.
+        k_src = tl.multiple_of(k_layer + src * stride_ks + h * stride_kh, ALIGN)
+        v_src = tl.multiple_of(v_layer + src * stride_vs + h * stride_vh, ALIGN)
+        k_dst = tl.multiple_of(k_layer + dst * stride_ks + h * stride_kh, ALIGN)
+        v_dst = tl.multiple_of(v_layer + dst * stride_vs + h * stride_vh, ALIGN)
+        k_rows = tl.load(k_base + k_src[:, None] + dk[None, :], k_mask)
+        v_rows = tl.load(v_base + v_src[:, None] + dv[None, :], v_mask)
         tl.debug_barrier()  # every source of this chunk is read before any write
-        tl.store(k_buf + dst[:, None] * stride_ks + h * stride_kh + dk[None, :], k_rows, k_mask)
-        tl.store(v_buf + dst[:, None] * stride_vs + h * stride_vh + dv[None, :], v_rows, v_mask)
+        tl.store(k_base + k_dst[:, None] + dk[None, :], k_rows, k_mask)
+        tl.store(v_base + v_dst[:, None] + dv[None, :], v_rows, v_mask)
 
 
-def _layer_pointers(buffers: Sequence[Tensor]) -> tuple[Tensor, tuple[int, ...], torch.dtype]:
+def _layer_offsets(buffers: Sequence[Tensor]) -> tuple[Tensor, Tensor, tuple[int, ...], int]:
+    """The first layer's buffer viewed as integers of the element's width (the kernel's base
+    pointer), every layer's offset from it in elements (int64 ``[layers]``), the common strides
+    and the largest power of two <= 16 bytes that divides every row's start (in elements)."""
     first = buffers[0]
     for buf in buffers:
         if buf.shape != first.shape or buf.stride() != first.stride() or buf.dtype != first.dtype:
             raise ValueError("all layers' buffers need one shape, stride and dtype")
     if first.stride(2) != 1:
         raise ValueError("buffers need a contiguous head_dim")
-    ptrs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
-    return ptrs.to(first.device, non_blocking=True), first.stride(), first.dtype
+    size = first.dtype.itemsize
+    if size not in _INT_OF_WIDTH:
+        raise ValueError(f"unsupported K/V dtype {first.dtype}")
+    bytes_from_base = [b.data_ptr() - first.data_ptr() for b in buffers]
+    if any(d % size for d in bytes_from_base):
+        raise ValueError("layer buffers must start at whole elements from one another")
+    offsets = [d // size for d in bytes_from_base]
+    align = math.gcd(16 // size, first.data_ptr() // size, first.stride(0), first.stride(1),
+                     *offsets)  # fmt: skip
+    table = torch.tensor(offsets, dtype=torch.int64).to(first.device, non_blocking=True)
+    return first.view(_INT_OF_WIDTH[size]), table, first.stride(), 1 << (align.bit_length() - 1)
 
 
 def compact(
@@ -98,21 +118,22 @@ def compact(
         raise ValueError(f"keep has {num_layers} layers, got {len(k_buffers)} K buffers")
     if keep.stride(2) != 1:
         keep = keep.contiguous()
-    k_ptrs, k_stride, k_dtype = _layer_pointers(k_buffers)
-    v_ptrs, v_stride, v_dtype = _layer_pointers(v_buffers)
-    size = k_dtype.itemsize
-    if v_dtype.itemsize != size or size not in _TL_BITS:
-        raise ValueError(f"unsupported K/V dtypes {k_dtype}, {v_dtype}")
+    if k_buffers[0].dtype.itemsize != v_buffers[0].dtype.itemsize:
+        raise ValueError(
+            f"K and V elements differ in width: {k_buffers[0].dtype}, {v_buffers[0].dtype}"
+        )
+    k_base, k_layers, k_stride, k_align = _layer_offsets(k_buffers)
+    v_base, v_layers, v_stride, v_align = _layer_offsets(v_buffers)
     dev = k_buffers[0].device
     batch = len(keep_indptr) - 1
     if batch == 0 or keep.shape[-1] == 0:
         return
     dim_k, dim_v = k_buffers[0].shape[2], v_buffers[0].shape[2]
     _compact_kernel[(batch, num_layers, heads)](
-        k_ptrs, v_ptrs, index.table, index.start.to(dev), dst.table, dst.start.to(dev),
-        prefix_lens.to(dev), keep, keep_indptr.to(dev), keep.stride(0), keep.stride(1),
-        k_stride[0], k_stride[1], v_stride[0], v_stride[1],
-        ELEM=_TL_BITS[size], PAGE=index.page_size, DST_PAGE=dst.page_size, DIM_K=dim_k,
-        DIM_V=dim_v, BLOCK_J=block_j,
+        k_base, v_base, k_layers, v_layers, index.table, index.start.to(dev), dst.table,
+        dst.start.to(dev), prefix_lens.to(dev), keep, keep_indptr.to(dev), keep.stride(0),
+        keep.stride(1), k_stride[0], k_stride[1], v_stride[0], v_stride[1],
+        PAGE=index.page_size, DST_PAGE=dst.page_size, DIM_K=dim_k, DIM_V=dim_v, BLOCK_J=block_j,
         BLOCK_DK=triton.next_power_of_2(dim_k), BLOCK_DV=triton.next_power_of_2(dim_v),
+        ALIGN=min(k_align, v_align),
     )  # fmt: skip
