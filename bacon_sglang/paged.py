@@ -22,6 +22,7 @@ request ``b`` owns rows ``[indptr[b], indptr[b + 1])`` (CSR, as FlashInfer's ``q
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -46,6 +47,12 @@ class KVIndex(NamedTuple):
     start: Tensor
     seq_lens: Tensor
     page_size: int = 1
+    host_lens: tuple[int, ...] | None = None  # seq_lens as Python ints, when known
+
+    def lengths(self) -> list[int]:
+        """``n_b`` per request as Python ints: ``host_lens``, else read from ``seq_lens`` (a
+        device-to-host copy that waits for the GPU)."""
+        return list(self.host_lens) if self.host_lens is not None else self.seq_lens.tolist()
 
     @classmethod
     def from_req_to_token(
@@ -78,9 +85,11 @@ class KVIndex(NamedTuple):
     @classmethod
     def from_rows(cls, rows: Sequence[Tensor]) -> KVIndex:
         """Slot-id rows, one 1-D tensor per request (e.g. snapshots of ``req_to_token`` rows),
-        each as long as its request; they are concatenated."""
-        lens = torch.tensor([len(r) for r in rows], dtype=torch.long, device=rows[0].device)
-        return cls(torch.cat(list(rows)), indptr(lens)[:-1], lens)
+        each as long as its request; they are concatenated. The lengths are known on the
+        host (``host_lens``), so the launchers read no length back from the GPU."""
+        host_lens = tuple(len(r) for r in rows)
+        lens = to_device(host_lens, rows[0].device)
+        return cls(torch.cat(list(rows)), indptr(lens)[:-1], lens, 1, host_lens)
 
     def slots(self, b: int) -> Tensor:
         """``[n_b]`` int64 slot ids of request ``b``'s tokens, in token order."""
@@ -92,6 +101,17 @@ class KVIndex(NamedTuple):
         return pages[pos // self.page_size] * self.page_size + pos % self.page_size
 
 
+def to_device(values: Sequence[int], device: torch.device | str) -> Tensor:
+    """``[len(values)]`` int64 on ``device``, copied without waiting for the GPU (a pageable
+    source is staged before the call returns, so no synchronisation is needed)."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
+def host_offsets(lengths: Sequence[int]) -> list[int]:
+    """``[B + 1]`` CSR offsets of consecutive segments, as Python ints."""
+    return [0, *itertools.accumulate(lengths)]
+
+
 def indptr(lengths: Tensor) -> Tensor:
     """``[B + 1]`` int64 CSR offsets of consecutive segments of the given lengths."""
     out = torch.zeros(len(lengths) + 1, dtype=torch.long, device=lengths.device)
@@ -99,9 +119,10 @@ def indptr(lengths: Tensor) -> Tensor:
     return out
 
 
-def segments(packed: Tensor, offsets: Tensor) -> list[Tensor]:
-    """Split a packed ``[sum_n, ...]`` tensor into its per-request ``[n_b, ...]`` views."""
-    bounds = offsets.tolist()
+def segments(packed: Tensor, offsets: Tensor | Sequence[int]) -> list[Tensor]:
+    """Split a packed ``[sum_n, ...]`` tensor into its per-request ``[n_b, ...]`` views
+    (``offsets`` ``[B + 1]``; as Python ints nothing is read back from the GPU)."""
+    bounds = offsets.tolist() if isinstance(offsets, Tensor) else list(offsets)
     return [packed[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
@@ -120,6 +141,7 @@ class WindowScores(NamedTuple):
     mean: Tensor  # [sum_n, Hkv] float32
     last: Tensor  # [sum_n, Hkv] float32
     indptr: Tensor  # [B + 1] int64, rows of each request
+    lengths: tuple[int, ...] | None = None  # n_b as Python ints, when known
 
 
 def window_scores(
@@ -153,7 +175,8 @@ def window_scores(
         attn = scoring.window_attention(q[q0:q1].transpose(0, 1), keys, scale)  # [Hq, w, n]
         means.append(scoring.gqa_mean(attn.mean(dim=1), num_kv_heads).T)
         lasts.append(scoring.gqa_mean(attn[:, -1], num_kv_heads).T)
-    return WindowScores(torch.cat(means), torch.cat(lasts), indptr(index.seq_lens))
+    lengths = tuple(index.lengths())
+    return WindowScores(torch.cat(means), torch.cat(lasts), indptr(index.seq_lens), lengths)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +193,7 @@ class Calibrated(NamedTuple):
     lam: Tensor  # [B, Hkv] lam, including the gate rho
     rho: Tensor  # [B, Hkv]
     indptr: Tensor  # [B + 1] int64, rows of each request
+    lengths: tuple[int, ...] | None = None  # T_b as Python ints, when known
 
 
 def candidate_indptr(window_scores: WindowScores, q_indptr: Tensor) -> Tensor:
@@ -177,6 +201,14 @@ def candidate_indptr(window_scores: WindowScores, q_indptr: Tensor) -> Tensor:
     n = window_scores.indptr.diff()
     w = q_indptr.to(n.device).diff()
     return indptr(n - w)
+
+
+def candidate_lengths(window_scores: WindowScores, q_indptr: Tensor) -> list[int]:
+    """``T_b = n_b - w_b`` as Python ints: nothing is read back from the GPU when the window
+    scores carry their lengths and ``q_indptr`` is on the CPU."""
+    n = window_scores.lengths
+    n = list(n) if n is not None else window_scores.indptr.diff().tolist()
+    return [a - w for a, w in zip(n, q_indptr.diff().tolist(), strict=True)]
 
 
 def per_request(value: int | Tensor | Sequence[int], batch: int) -> list[int]:
@@ -254,6 +286,7 @@ def calibrate(
         torch.stack(out["lam"]),
         torch.stack(out["rho"]),
         offsets,
+        tuple(offsets.diff().tolist()),
     )
 
 

@@ -11,6 +11,9 @@ that value are resolved by index, which avoids a full sort.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -83,3 +86,57 @@ def select_keep(
     after = budgets.unsqueeze(1) + torch.arange(window, device=device)  # [Hkv, w] slots
     keep.scatter_(1, after, torch.arange(t, t + window, device=device).expand(heads, window))
     return keep
+
+
+def select_keep_packed(
+    scores: Tensor,
+    lengths: Sequence[int],
+    budgets: Sequence[int],
+    windows: Sequence[int],
+    first_candidates: Sequence[int],
+) -> list[Tensor]:
+    """:func:`select_keep` for every request of a batch at once, from packed scores.
+
+    Args:
+        scores: ``[sum_T, Hkv]`` candidate scores, request ``b`` owning ``T_b`` consecutive
+            rows (as :class:`bacon_sglang.paged.Calibrated`).
+        lengths, budgets, windows, first_candidates: ``T_b``, ``K_b``, ``w_b``, ``f_b`` per
+            request, as Python ints (nothing is read back from the GPU).
+
+    Returns:
+        Per request ``[Hkv, min(K_b, T_b - f_b) + w_b]`` int64, equal to
+        ``select_keep(scores_b.T, K_b, w_b, f_b)``: views into one ``[B, Hkv, width]`` tensor.
+    """
+    batch, heads, device = len(lengths), scores.shape[1], scores.device
+    spans = [t - f for t, f in zip(lengths, first_candidates, strict=True)]
+    if any(s < 0 for s in spans) or any(w < 0 for w in windows):
+        raise ValueError("need 0 <= first_candidate <= T and windows >= 0")
+    kept = [max(0, min(k, s)) for k, s in zip(budgets, spans, strict=True)]
+    width, widest = max(kept, default=0), max(spans, default=0)
+    out_width = max((k + w for k, w in zip(kept, windows, strict=True)), default=0)
+    starts = itertools.accumulate(lengths, initial=0)
+    rows0 = [o + f for o, f in zip(starts, first_candidates, strict=False)]
+    meta = torch.tensor([rows0, spans, kept, first_candidates, lengths, windows], dtype=torch.long)
+    row0, span, k, first, t, w = meta.to(device, non_blocking=True)[..., None, None]  # [B, 1, 1]
+
+    j = torch.arange(out_width, device=device)
+    keep = torch.where(j < k + w, t + j - k, KEEP_PAD)  # the window after the k candidates
+    if width > 0:
+        cols = torch.arange(widest, device=device)
+        rows = (row0[:, 0] + cols).clamp(max=scores.shape[0] - 1)  # [B, widest]
+        padded = scores[rows].float().transpose(1, 2)  # [B, Hkv, widest]
+        # -inf past each request's span: never above a real score's rank (k_b <= span)
+        padded = padded.masked_fill(cols >= span, float("-inf"))
+        kth = torch.topk(padded, width, dim=-1).values.gather(
+            -1, (k - 1).clamp(min=0).expand(batch, heads, 1)
+        )
+        above, tied = padded > kth, padded == kth
+        mask = above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
+        # the chosen columns in ascending order: the largest values of widest - col
+        order = torch.topk(torch.where(mask & (k > 0), widest - cols, 0), width, dim=-1).values
+        chosen = first + widest - order  # [B, Hkv, width], absolute positions
+        at = j.clamp(max=width - 1).expand(batch, heads, out_width)
+        keep = torch.where(j < k, chosen.gather(-1, at), keep)
+    else:
+        keep = keep.expand(batch, heads, out_width)
+    return [keep[b, :, : kept[b] + windows[b]] for b in range(batch)]

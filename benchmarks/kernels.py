@@ -99,9 +99,10 @@ def bench_size(n: int, batch: int, args: argparse.Namespace, gen: torch.Generato
     # One layer's whole call from the integration (scores, calibration, selection), BACON
     # with the persistence term over 4 earlier layers, and SnapKV.
     prev = [torch.rand(batch * (n - WINDOW), KV_HEADS, generator=gen).to(device)] * 4
+    # q_indptr on the CPU, as the integration passes it: the call then reads nothing back.
     for name, calibrated in (("keepset_bacon", True), ("keepset_snapkv", False)):
         fn = partial(
-            kernels.keep_sets, q, q_indptr, k_buffer, index, [BUDGET - WINDOW] * batch,
+            kernels.keep_sets, q, q_indptr.cpu(), k_buffer, index, [BUDGET - WINDOW] * batch,
             [0] * batch, calibrated=calibrated, prev_evidence=prev if calibrated else (),
         )  # fmt: skip
         times = time_backends(fn, backends, device, args.repeats)

@@ -39,11 +39,12 @@ from bacon_sglang.paged import (
     KVIndex,
     WindowScores,
     check_keep,
+    host_offsets,
     indptr,
     pack_keep,
     segments,
 )
-from bacon_sglang.selection import select_keep
+from bacon_sglang.selection import select_keep_packed
 
 __all__ = [
     "Backend",
@@ -180,7 +181,9 @@ def keep_sets(
     pooled window score ``B``) or BACON over SnapKV (the calibrated ``S``), uniform budgets.
 
     Args:
-        q, q_indptr, k_buffer, index, scale: as :func:`window_scores`.
+        q, q_indptr, k_buffer, index, scale: as :func:`window_scores`. Nothing is read back
+            from the GPU when ``q_indptr`` is on the CPU and ``index`` knows its lengths
+            (:meth:`KVIndex.from_rows`): the call then queues its work and returns.
         budgets: ``K_b`` kept candidates per head of each request (window excluded).
         prefix_lens: ``P_b``: positions ``[0, P_b)`` (a shared prefix) are never selected.
         prev_evidence: earlier layers' evidence of this batch (second return value), oldest
@@ -191,18 +194,19 @@ def keep_sets(
         :func:`bacon_sglang.selection.select_keep`; ``evidence``: per request ``[T_b, Hkv]``
         this layer's ``E`` (concatenated, the next layers' ``prev_evidence``).
     """
+    q_indptr_host = q_indptr.cpu()  # free when given on the CPU, as the integration does
+    q_indptr = q_indptr.to(q.device, non_blocking=True)
     scores = window_scores(q, q_indptr, k_buffer, index, scale, backend=backend)
     cal = calibrate(
-        scores, q_indptr, budgets, prev_evidence, prefix_lens,
+        scores, q_indptr_host, budgets, prev_evidence, prefix_lens,
         pool_kernel=pool_kernel, backend=backend,
     )  # fmt: skip
-    ranking = segments(cal.scores if calibrated else cal.base, cal.indptr)
-    windows = q_indptr.diff().tolist()
-    keep = [
-        select_keep(r.T, k, w, f)
-        for r, k, w, f in zip(ranking, budgets, windows, prefix_lens, strict=True)
-    ]
-    return keep, segments(cal.evidence, cal.indptr)
+    lengths = list(cal.lengths) if cal.lengths is not None else cal.indptr.diff().tolist()
+    keep = select_keep_packed(
+        cal.scores if calibrated else cal.base, lengths, budgets,
+        q_indptr_host.diff().tolist(), prefix_lens,
+    )  # fmt: skip
+    return keep, segments(cal.evidence, host_offsets(lengths))
 
 
 def compact(

@@ -21,7 +21,14 @@ import triton.language as tl
 from torch import Tensor
 
 from bacon_sglang import scoring
-from bacon_sglang.paged import Calibrated, WindowScores, candidate_indptr, per_request
+from bacon_sglang.paged import (
+    Calibrated,
+    WindowScores,
+    candidate_lengths,
+    host_offsets,
+    per_request,
+    to_device,
+)
 
 
 @triton.jit
@@ -94,30 +101,27 @@ def _value_kernel(
 def _top_region_stats(
     base: Tensor,
     value: Tensor,
-    offsets: Tensor,
-    budgets: list[int],
-    firsts: list[int],
+    first: Tensor,
+    spans: Tensor,
+    k2: Tensor,
+    top: int,
+    width: int,
     scale: float,
-    region: int,
     eps: float,
 ) -> tuple[Tensor, Tensor]:
     """Steps 7-8 per request and head over candidates ``[first, T)``: ``(lam, rho)`` ``[B, Hkv]``
-    (``lam`` includes ``rho``), as :func:`bacon_sglang.scoring.scale_match`."""
-    lens = offsets.diff().tolist()
-    batch, heads, dev = len(lens), base.shape[1], base.device
-    spans = [t - f for t, f in zip(lens, firsts, strict=True)]
-    k2 = torch.tensor(
-        [max(0, min(region * k, s)) for k, s in zip(budgets, spans, strict=True)], device=dev
-    )
-    top = int(k2.max()) if batch else 0
+    (``lam`` includes ``rho``), as :func:`bacon_sglang.scoring.scale_match`.
+
+    ``first`` ``[B]`` packed row of each request's first candidate, ``spans`` ``[B]`` its
+    candidates, ``k2`` ``[B]`` the size of its top region; ``top`` and ``width`` their
+    maxima, given as Python ints so that nothing is read back from the GPU."""
+    batch, heads, dev = len(k2), base.shape[1], base.device
     if top == 0:
         zeros = torch.zeros(batch, heads, device=dev)
         return zeros, zeros.clone()
-    width = max(spans)
     cols = torch.arange(width, device=dev)
-    first = offsets[:-1] + torch.tensor(firsts, device=dev)
     rows = (first[:, None] + cols).clamp(max=base.shape[0] - 1)  # [B, width]
-    inside = cols < torch.tensor(spans, device=dev)[:, None]
+    inside = cols < spans[:, None]
 
     def top_values(x: Tensor) -> Tensor:  # [B, top, Hkv], the top-k2 of each request in front
         padded = torch.where(inside[..., None], x[rows], float("-inf"))
@@ -162,13 +166,19 @@ def calibrate(
             raise ValueError(f"pool kernel must be odd and positive, got {kernel}")
     mean, last = window_scores.mean, window_scores.last
     heads, dev = mean.shape[1], mean.device
-    offsets = candidate_indptr(window_scores, q_indptr).to(dev)
-    lens = offsets.diff().tolist()
-    batch, total = len(lens), int(offsets[-1])
+    lens = candidate_lengths(window_scores, q_indptr)  # T_b, on the host
+    batch, total = len(lens), sum(lens)
     budgets = per_request(budget, batch)
     firsts = per_request(first_candidate, batch)
     if any(not 0 <= f <= t for f, t in zip(firsts, lens, strict=True)):
         raise ValueError("first_candidate must lie in [0, T]")
+    spans = [t - f for t, f in zip(lens, firsts, strict=True)]
+    k2 = [max(0, min(region * k, s)) for k, s in zip(budgets, spans, strict=True)]
+    starts = host_offsets(lens)
+    # the batch's small integers in one copy: offsets, first candidate rows, spans, k2
+    first_rows = [o + f for o, f in zip(starts[:-1], firsts, strict=True)]
+    packed = to_device([*starts, *first_rows, *spans, *k2], dev)
+    offsets, first_d, spans_d, k2_d = packed.split([batch + 1, batch, batch, batch])
 
     same = [e for e in prev_evidence if e.shape == (total, heads)]
     same = same[-history:] if history > 0 else []
@@ -187,6 +197,9 @@ def calibrate(
             evidence, evidence if trace is None else trace, offsets, value,
             COHERENCE=coherence_kernel, HAS_TRACE=trace is not None, **tiles,
         )  # fmt: skip
-    lam, rho = _top_region_stats(base, value, offsets, budgets, firsts, scale, region, eps)
+    lam, rho = _top_region_stats(
+        base, value, first_d, spans_d, k2_d, max(k2, default=0), max(spans, default=0),
+        scale, eps,
+    )  # fmt: skip
     lam_rows = lam.repeat_interleave(offsets.diff(), dim=0, output_size=total)
-    return Calibrated(base + lam_rows * value, evidence, base, lam, rho, offsets)
+    return Calibrated(base + lam_rows * value, evidence, base, lam, rho, offsets, tuple(lens))

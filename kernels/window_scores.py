@@ -210,8 +210,8 @@ def window_scores(
         raise ValueError("q and k_buffer need a contiguous head_dim")
     group = num_q_heads // num_kv_heads
     batch = len(index.seq_lens)
-    seq_lens_host = index.seq_lens.tolist()
-    widths = q_indptr.diff().tolist()
+    seq_lens_host = index.lengths()  # no GPU read when the index knows them (from_rows)
+    widths = q_indptr.diff().tolist()  # no GPU read when q_indptr is on the CPU
     if any(not 1 <= w <= n for w, n in zip(widths, seq_lens_host, strict=True)):
         raise ValueError("each window must hold 1..n queries")
     out_indptr = indptr(index.seq_lens.to(q.device))
@@ -219,7 +219,7 @@ def window_scores(
     mean = torch.empty(total, num_kv_heads, dtype=torch.float32, device=q.device)
     last = torch.empty_like(mean)
     if total == 0:
-        return WindowScores(mean, last, out_indptr)
+        return WindowScores(mean, last, out_indptr, tuple(seq_lens_host))
 
     block_n = block_n or (64 if q.is_cuda else 256)
     split = split or (1024 if q.is_cuda else 4096)
@@ -237,7 +237,7 @@ def window_scores(
         BLOCK_D=block_d, BLOCK_N=block_n, SPLIT=split, DOT_F32=dot_f32,
         num_warps=8 if block_r >= 128 else 4,
     )  # fmt: skip
-    q_indptr = q_indptr.to(device=q.device, dtype=torch.int64)
+    q_indptr = q_indptr.to(q.device, torch.int64, non_blocking=True)
     starts, seq_lens = index.start.to(q.device), index.seq_lens.to(q.device)
     if lse is None:
         stats = torch.empty(
@@ -257,4 +257,4 @@ def window_scores(
         mean, last, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), stride_lt,
         qk_scale, num_splits, HAS_LSE=lse is not None, **common,
     )  # fmt: skip
-    return WindowScores(mean, last, out_indptr)
+    return WindowScores(mean, last, out_indptr, tuple(seq_lens_host))

@@ -85,7 +85,7 @@ def score_group(layer, group: list, keys_buffer: torch.Tensor) -> None:
     window_lens = torch.tensor([w.shape[0] for w in windows])
     keep, evidence = kernels.keep_sets(
         torch.cat(windows),
-        kernels.indptr(window_lens).to(keys_buffer.device),
+        kernels.indptr(window_lens),  # on the CPU: keep_sets reads its lengths without a sync
         keys_buffer,
         KVIndex.from_rows([c.slots for c in compressions]),
         [c.kept - w for c, w in zip(compressions, window_lens.tolist(), strict=True)],

@@ -3,8 +3,12 @@ the pool, calibration, selection, over all finishing requests of a forward at on
 those of the per-request policy objects (``RequestCompression.score_layer``), layer after
 layer, with BACON's persistence carried across layers."""
 
+import collections
+import sys
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bacon_sglang import kernels
 from bacon_sglang.compression import plan_request
@@ -84,3 +88,77 @@ def test_batched_keep_sets_equal_the_per_request_policy(
         keep = batched.keep
         assert bool((keep.diff(dim=-1) > 0).all())
         assert int(keep.min()) >= batched.prefix_len and int(keep.max()) < batched.prompt_len
+
+
+# Operations that make no kernel launch: they may grow with the batch (one view per request).
+VIEWS = {
+    "aten.alias.default", "aten.expand.default", "aten.permute.default", "aten.select.int",
+    "aten.slice.Tensor", "aten.split_with_sizes.default", "aten.transpose.int",
+    "aten.unbind.int", "aten.unsqueeze.default", "aten.view.default",
+}  # fmt: skip
+# Operations that read a value back from the device (int(), .item(), a boolean mask's size).
+READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.item.default"}
+
+
+class _Operations(TorchDispatchMode):
+    """Counts the ATen operations dispatched outside Triton's interpreter (whose launch
+    plumbing would otherwise be counted with them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        frame = sys._getframe(1)
+        while frame is not None and not frame.f_globals.get("__name__", "").startswith("triton"):
+            frame = frame.f_back
+        if frame is None:
+            self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _layer_call(batch: int, device: str, calibrated: bool):
+    """One layer's ``keep_sets`` call as the integration makes it (``q_indptr`` on the CPU,
+    the index from slot rows), for ``batch`` prompts of 200 tokens."""
+    gen = torch.Generator().manual_seed(batch)
+    n, w = 200, 16
+    slots = torch.randperm(batch * n, generator=gen) + 1
+    index = kernels.KVIndex.from_rows([r.to(device) for r in slots.split(n)])
+    k_buffer = torch.randn(batch * n + 1, HKV, D, generator=gen).to(device)
+    q = torch.randn(batch * w, HQ, D, generator=gen).to(device)
+    prev = [torch.rand(batch * (n - w), HKV, generator=gen).to(device)] * 4 if calibrated else []
+    q_indptr = kernels.indptr(torch.full((batch,), w))
+    return lambda: kernels.keep_sets(
+        q, q_indptr, k_buffer, index, [48] * batch, [0] * batch,
+        calibrated=calibrated, prev_evidence=prev, backend="triton",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_keep_sets_read_nothing_back_and_do_not_grow_with_the_batch(
+    calibrated, kernel_device, one_thread
+):
+    """The per-layer call only queues work: on CUDA it never synchronises with the GPU (sync
+    debug mode raises); on CPU no operation reads a value back, and 4 requests take the same
+    operations as 1 apart from views (the selection is batched, not a loop per request)."""
+    if kernel_device == "cuda":
+        for batch in (1, 4):
+            call = _layer_call(batch, kernel_device, calibrated)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                call()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return
+    counts = {}
+    for batch in (1, 4):
+        call = _layer_call(batch, kernel_device, calibrated)
+        with _Operations() as ops:
+            call()
+        counts[batch] = collections.Counter(
+            {op: c for op, c in ops.counts.items() if op not in VIEWS}
+        )
+        assert not READS & set(ops.counts), ops.counts
+    assert counts[1] == counts[4]
+    assert sum(counts[1].values()) > 20  # the recorder saw the call's operations
