@@ -22,7 +22,7 @@ from bacon_sglang.scoring import (
     snapkv_scores,
     window_attention,
 )
-from bacon_sglang.selection import KEEP_PAD, select_keep, top_mask
+from bacon_sglang.selection import KEEP_PAD, select_keep, select_keep_packed, top_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -345,6 +345,24 @@ def test_select_keep_matches_naive_with_ties(budget, first):
     want = [naive_keep(row, budget, 6, first) for row in scores.tolist()]
     assert got.tolist() == want
     assert got.shape == (3, min(budget, 25 - first) + 6)  # keeps all when short of candidates
+
+
+def test_select_keep_packed_equals_select_keep_per_request():
+    """The batched selection of ``kernels.keep_sets`` over ragged requests with many ties,
+    empty spans, zero budgets and windows, equals :func:`select_keep` request by request."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        batch = int(torch.randint(1, 5, (1,), generator=gen))
+        lengths = torch.randint(0, 40, (batch,), generator=gen).tolist()
+        firsts = [int(torch.randint(0, t + 1, (1,), generator=gen)) for t in lengths]
+        budgets = torch.randint(0, 30, (batch,), generator=gen).tolist()
+        windows = torch.randint(0, 5, (batch,), generator=gen).tolist()
+        scores = torch.randint(0, 4, (sum(lengths), 3), generator=gen).float()
+        got = select_keep_packed(scores, lengths, budgets, windows, firsts)
+        for b, rows in enumerate(scores.split(lengths)):
+            assert torch.equal(got[b], select_keep(rows.T, budgets[b], windows[b], firsts[b]))
+    with pytest.raises(ValueError):
+        select_keep_packed(torch.zeros(4, 1), [4], [2], [1], [5])
 
 
 def test_top_mask_matches_naive_with_ties_and_row_budgets():
