@@ -240,6 +240,32 @@ def test_a_stopped_and_resumed_run_equals_the_straight_run(tmp_path, extra):
                 argparse.Namespace(layers=1)), 1024))  # fmt: skip
 
 
+def test_prefetched_batches_train_the_same_weights(tmp_path):
+    """``--prefetch 2`` (batches built ahead in worker processes, for a GPU run) trains the
+    same fp32 weights and probe as batches built in the loop, across a stop and a resume."""
+    common = [
+        "--task", "doc", "--layers", "1", "--steps", "4", "--small-grids", "1x5,2x5",
+        "--small-fraction", "0.5", "--small-batch", "2", "--batch", "1", "--follow-ups", "1",
+        "--warmup", "1", "--threads", "1", "--eval-every", "0", "--log-every", "100", *PAIRS,
+        "--ink-probe-scale", "16",
+    ]  # fmt: skip
+    train.main([str(tmp_path / "inline"), *common])
+    ahead = [str(tmp_path / "ahead"), *common, "--prefetch", "2"]
+    train.main([*ahead, "--until", "3"])
+    train.main([*ahead, "--resume", str(tmp_path / "ahead")])
+    inline, prefetched = (
+        torch.load(tmp_path / run / train.TRAINER_STATE, weights_only=False)
+        for run in ("inline", "ahead")
+    )
+    assert prefetched["step"] == 4 and prefetched["seen"] == inline["seen"]
+    assert all(torch.equal(inline["model"][k], prefetched["model"][k]) for k in inline["model"])
+    assert torch.equal(inline["ink_probe"]["weight"], prefetched["ink_probe"]["weight"])
+    record = json.loads((tmp_path / "ahead" / "training.json").read_text())
+    assert record["device"] == "cpu" and "--prefetch 2" in record["command"]
+    with pytest.raises(SystemExit):  # a --minutes schedule depends on the clock
+        train.main([str(tmp_path / "x"), "--minutes", "1", "--prefetch", "2"])
+
+
 def test_a_probe_added_on_resume_starts_fresh_and_keeps_the_model_state(tmp_path):
     """``--resume`` with ``--ink-loss`` added (a probe from a later stage on): the probe and
     its AdamW group start fresh, the model's optimiser state, schedule and data continue. With

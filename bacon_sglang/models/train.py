@@ -1,4 +1,5 @@
-"""Train the tiny Qwen2-VL model on the synthetic sparse-evidence VQA task, on CPU.
+"""Train the tiny Qwen2-VL model on the synthetic sparse-evidence VQA task (CPU, or a GPU
+with ``--device cuda``).
 
     python -m bacon_sglang.models.train OUT_DIR [--steps N] [--batch B] [--lr LR] [--seed S]
 
@@ -12,12 +13,15 @@ with AdamW (linear warm-up, cosine decay), cross-entropy on the answer tokens on
 answer and its ``<|im_end|>``). Batches are rebuilt from ``(split, index)`` on the fly
 (:mod:`bacon_sglang.models.vqa`); pixels are patchified here exactly as
 ``Qwen2VLImageProcessor`` does for a 448 x 448 image (no resize), which is several times
-faster than the processor (``check_patchify`` compares them).
+faster than the processor (``check_patchify`` compares them). ``--prefetch N`` builds the
+batches of the next ``N`` steps in ``N`` worker processes (the same batches: each is a pure
+function of its step), for a GPU that would otherwise wait on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import logging
@@ -25,6 +29,7 @@ import math
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +93,13 @@ class Batch:
         if self.pixel_values is not None:
             out |= {"pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw}
         return out
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch on ``device``."""
+        return Batch(
+            **{f.name: None if (v := getattr(self, f.name)) is None else v.to(device)
+               for f in dataclasses.fields(self)}
+        )  # fmt: skip
 
 
 def follow_ups(s: vqa.VQASample, n: int, seed: int) -> list[tuple[str, str]]:
@@ -188,7 +200,7 @@ def hub_state_dict(model, spec: tiny.TinyQwen2VLSpec = SPEC) -> dict[str, torch.
     out = {}
     for name, tensor in model.state_dict().items():
         hub = name.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
-        out[hub] = tensor.detach().to(torch.bfloat16).contiguous()
+        out[hub] = tensor.detach().to("cpu", torch.bfloat16).contiguous()
     expected = tiny.weight_shapes(spec, model.config.text_config.vocab_size)
     if set(out) != set(expected) or any(tuple(out[k].shape) != v for k, v in expected.items()):
         raise RuntimeError("trained weights do not match the checkpoint layout")
@@ -200,7 +212,7 @@ def greedy_answers(model, tokenizer, samples: list[vqa.VQASample], max_new: int 
     """Greedy answers of ``model`` (full KV cache) for ``samples``, as text."""
     out = []
     for s in samples:
-        b = make_batch(tokenizer, [s], with_answers=False)
+        b = make_batch(tokenizer, [s], with_answers=False).to(model.device)
         gen = model.generate(**b.inputs(), max_new_tokens=max_new, do_sample=False)
         out.append(tokenizer.decode(gen[0, b.input_ids.shape[1] :], skip_special_tokens=True))
     return out
@@ -278,6 +290,82 @@ def spec_of(args: argparse.Namespace) -> tiny.TinyQwen2VLSpec:
     return dataclasses.replace(SPEC, num_hidden_layers=args.layers)
 
 
+def step_plan(step: int, done: float, args: argparse.Namespace) -> tuple[bool, object, int]:
+    """``(small, grid, batch size)`` of step ``step`` with the share ``done`` of training done."""
+    small = done < args.small_fraction
+    grid = small_grid(args.small_grids, step, done / args.small_fraction) if small else vqa.GRID
+    return small, grid, args.small_batch if small else args.batch
+
+
+def training_batch(
+    tokenizer, args: argparse.Namespace, seen: int, batch: int, grid, done: float
+) -> tuple[Batch, Tensor | None]:
+    """The batch of train-split samples ``[seen, seen + batch)`` (with their follow-up turns)
+    and, with ``--ink-loss``, the ink probe's labels of their image tokens."""
+    samples = vqa.dataset(
+        "train",
+        batch,
+        start=seen,
+        text_fraction=args.text_fraction,
+        grids=(grid,),
+        distinct_fraction=args.distinct_fraction,
+        task=args.task,
+        max_marks=1 if done < args.single_mark_fraction else None,
+        include=args.include,
+        include_fraction=args.include_fraction,
+    )
+    turns = [follow_ups(s, args.follow_ups, seen + j) for j, s in enumerate(samples)]
+    ink = None
+    if args.ink_loss:
+        ink = torch.cat([ink_labels(s) for s in samples if s.image is not None])
+    return make_batch(tokenizer, samples, turns=turns), ink
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(model_dir: str, args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(1)
+    _WORKER.update(tokenizer=AutoTokenizer.from_pretrained(model_dir), args=args)
+
+
+def _worker_batch(seen: int, batch: int, grid, done: float) -> tuple[Batch, Tensor | None]:
+    return training_batch(_WORKER["tokenizer"], _WORKER["args"], seen, batch, grid, done)
+
+
+class Prefetcher:
+    """Builds the batches of the next ``n`` steps of a ``--steps`` run in ``n`` processes."""
+
+    def __init__(self, n: int, model_dir: Path, args: argparse.Namespace, step: int, seen: int):
+        import multiprocessing
+
+        self.args, self.step, self.seen = args, step, seen  # the next step to submit
+        self.pending: collections.deque[tuple[int, Future]] = collections.deque()
+        self.pool = ProcessPoolExecutor(
+            n, multiprocessing.get_context("spawn"), _worker_init, (str(model_dir), args)
+        )
+        self.n = n
+
+    def get(self, step: int) -> tuple[Batch, Tensor | None]:
+        """The batch of ``step`` (steps are taken in order)."""
+        last = min(self.args.steps, self.args.until or self.args.steps)
+        while len(self.pending) < self.n and self.step < last:
+            done = self.step / self.args.steps
+            _, grid, batch = step_plan(self.step, done, self.args)
+            future = self.pool.submit(_worker_batch, self.seen, batch, grid, done)
+            self.pending.append((self.step, future))
+            self.step, self.seen = self.step + 1, self.seen + batch
+        queued, future = self.pending.popleft()
+        if queued != step:
+            raise RuntimeError(f"prefetched step {queued}, asked for {step}")
+        return future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
 def train(args: argparse.Namespace) -> dict:
     """Build, train and save the model into ``args.out_dir``; returns the training record.
 
@@ -303,7 +391,8 @@ def train(args: argparse.Namespace) -> dict:
         from safetensors.torch import load_file
 
         model.load_state_dict(_from_hub(load_file(Path(init) / "model.safetensors")))
-    model.train()
+    device = torch.device(args.device)
+    model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     groups = [{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}]
@@ -316,6 +405,7 @@ def train(args: argparse.Namespace) -> dict:
         probe = torch.nn.Linear(spec.hidden_size, len(vqa.MARK_COLOURS))
         torch.nn.init.zeros_(probe.weight)  # no gradient into the tower until the probe reads
     if probe is not None:
+        probe.to(device)
         model.model.visual.merger.register_forward_hook(
             lambda module, inputs, output: vision.__setitem__("tokens", output)
         )
@@ -325,13 +415,16 @@ def train(args: argparse.Namespace) -> dict:
     digits = None
     if args.task == "doc":
         digits = torch.tensor([tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)])
+        digits = digits.to(device)
     history = []
     smooth = match = None
     seen = args.offset  # next train-split index
     small_steps = None  # the step at which the full-grid phase began
     step, already, stages = 0, 0.0, []
     if args.resume:
-        state = torch.load(Path(args.resume) / TRAINER_STATE, weights_only=False)
+        state = torch.load(
+            Path(args.resume) / TRAINER_STATE, weights_only=False, map_location="cpu"
+        )
         model.load_state_dict(state["model"])
         if probe is not None and "ink_probe" in state:
             probe.load_state_dict(state["ink_probe"])
@@ -352,6 +445,9 @@ def train(args: argparse.Namespace) -> dict:
     )
     start = time.perf_counter() - already
     last_save = time.perf_counter()
+    prefetch = (
+        Prefetcher(args.prefetch, work / "model", args, step, seen) if args.prefetch else None
+    )
 
     def save() -> dict:
         args.small_steps, args.samples, args.stages = small_steps, seen - args.offset, stages
@@ -374,35 +470,24 @@ def train(args: argparse.Namespace) -> dict:
         done = progress(step, elapsed, args)
         if done >= 1.0 or step == args.until:
             break
-        small = done < args.small_fraction
+        small, grid, batch = step_plan(step, done, args)
         if not small and small_steps is None:
             small_steps = step
             logger.info("step %d: %d x %d grids from now on", step, vqa.GRID, vqa.GRID)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, done, args.lr, args.warmup)
-        grid = small_grid(args.small_grids, step, done / args.small_fraction) if small else vqa.GRID
-        batch = args.small_batch if small else args.batch
-        samples = vqa.dataset(
-            "train",
-            batch,
-            start=seen,
-            text_fraction=args.text_fraction,
-            grids=(grid,),
-            distinct_fraction=args.distinct_fraction,
-            task=args.task,
-            max_marks=1 if done < args.single_mark_fraction else None,
-            include=args.include,
-            include_fraction=args.include_fraction,
-        )
-        turns = [follow_ups(s, args.follow_ups, seen + j) for j, s in enumerate(samples)]
+        if prefetch is not None:
+            b, ink_target = prefetch.get(step)
+        else:
+            b, ink_target = training_batch(tokenizer, args, seen, batch, grid, done)
         seen += batch
-        b = make_batch(tokenizer, samples, turns=turns)
+        b = b.to(device)
         result = model(**b.inputs(), labels=b.labels)
         loss = result.loss
         ink = None
         if probe is not None:
-            labels = torch.cat([ink_labels(s) for s in samples if s.image is not None])
-            ink = torch.nn.functional.cross_entropy(probe(vision["tokens"]), labels)
+            ink_target = ink_target.to(device)
+            ink = torch.nn.functional.cross_entropy(probe(vision["tokens"]), ink_target)
             loss = loss + args.ink_loss * ink
         hit = evidence_match(result.logits.detach(), b.labels, is_id, a_id, digits)
         loss.backward()
@@ -430,6 +515,8 @@ def train(args: argparse.Namespace) -> dict:
             logger.info("step %d saved to %s", step + 1, out)
         step += 1
     step -= 1  # save() records step + 1 = the steps taken
+    if prefetch is not None:
+        prefetch.close()
     record = save()
     shutil.rmtree(work, ignore_errors=True)
     return record
@@ -495,6 +582,7 @@ def _save(
         "small_steps": getattr(args, "small_steps", None),
         "seconds": round(seconds),
         "threads": args.threads,
+        "device": args.device,
         "history": history,
     }
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -582,6 +670,15 @@ def main(argv: list[str] | None = None) -> None:
         " that a --resume with other settings continues",
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--device", default="cpu", help="where to train: cpu, cuda (the data is built on the CPU)"
+    )
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=0,
+        help="build the next N steps' batches in N worker processes (needs --steps)",
+    )
     parser.add_argument("--offset", type=int, default=0, help="first train-split index")
     parser.add_argument("--init", type=Path, default=None, help="start from this checkpoint")
     parser.add_argument(
@@ -606,6 +703,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--include: unknown colour(s) {unknown}; known: {vqa.MARK_COLOURS}")
     if bool(args.include) != (args.include_fraction > 0):
         parser.error("--include and --include-fraction go together (one alone does nothing)")
+    if args.prefetch and args.minutes:
+        parser.error("--prefetch needs --steps (a --minutes schedule depends on the clock)")
     if args.ink_probe_scale and not args.ink_loss:
         parser.error("--ink-probe-scale needs --ink-loss (without it there is no probe)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
