@@ -141,7 +141,7 @@ class WindowScores(NamedTuple):
     mean: Tensor  # [sum_n, Hkv] float32
     last: Tensor  # [sum_n, Hkv] float32
     indptr: Tensor  # [B + 1] int64, rows of each request
-    lengths: tuple[int, ...] | None = None  # n_b as Python ints, when known
+    lengths: tuple[int, ...]  # n_b as Python ints
 
 
 def window_scores(
@@ -193,7 +193,7 @@ class Calibrated(NamedTuple):
     lam: Tensor  # [B, Hkv] lam, including the gate rho
     rho: Tensor  # [B, Hkv]
     indptr: Tensor  # [B + 1] int64, rows of each request
-    lengths: tuple[int, ...] | None = None  # T_b as Python ints, when known
+    lengths: tuple[int, ...]  # T_b as Python ints
 
 
 def candidate_indptr(window_scores: WindowScores, q_indptr: Tensor) -> Tensor:
@@ -204,11 +204,10 @@ def candidate_indptr(window_scores: WindowScores, q_indptr: Tensor) -> Tensor:
 
 
 def candidate_lengths(window_scores: WindowScores, q_indptr: Tensor) -> list[int]:
-    """``T_b = n_b - w_b`` as Python ints: nothing is read back from the GPU when the window
-    scores carry their lengths and ``q_indptr`` is on the CPU."""
-    n = window_scores.lengths
-    n = list(n) if n is not None else window_scores.indptr.diff().tolist()
-    return [a - w for a, w in zip(n, q_indptr.diff().tolist(), strict=True)]
+    """``T_b = n_b - w_b`` as Python ints (nothing is read back from the GPU when
+    ``q_indptr`` is on the CPU)."""
+    widths = q_indptr.diff().tolist()
+    return [n - w for n, w in zip(window_scores.lengths, widths, strict=True)]
 
 
 def per_request(value: int | Tensor | Sequence[int], batch: int) -> list[int]:

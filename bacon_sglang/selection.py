@@ -11,11 +11,12 @@ that value are resolved by index, which avoids a full sort.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from bacon_sglang.paged import host_offsets, to_device
 
 KEEP_PAD = -1
 """Fills the tail of a keep-set row whose head keeps fewer tokens than the widest head."""
@@ -114,10 +115,9 @@ def select_keep_packed(
     kept = [max(0, min(k, s)) for k, s in zip(budgets, spans, strict=True)]
     width, widest = max(kept, default=0), max(spans, default=0)
     out_width = max((k + w for k, w in zip(kept, windows, strict=True)), default=0)
-    starts = itertools.accumulate(lengths, initial=0)
-    rows0 = [o + f for o, f in zip(starts, first_candidates, strict=False)]
-    meta = torch.tensor([rows0, spans, kept, first_candidates, lengths, windows], dtype=torch.long)
-    row0, span, k, first, t, w = meta.to(device, non_blocking=True)[..., None, None]  # [B, 1, 1]
+    rows0 = [o + f for o, f in zip(host_offsets(lengths), first_candidates, strict=False)]
+    meta = to_device([*rows0, *spans, *kept, *first_candidates, *lengths, *windows], device)
+    row0, span, k, first, t, w = meta.view(6, batch)[..., None, None]  # [B, 1, 1] each
 
     j = torch.arange(out_width, device=device)
     keep = torch.where(j < k + w, t + j - k, KEEP_PAD)  # the window after the k candidates

@@ -194,19 +194,17 @@ def keep_sets(
         :func:`bacon_sglang.selection.select_keep`; ``evidence``: per request ``[T_b, Hkv]``
         this layer's ``E`` (concatenated, the next layers' ``prev_evidence``).
     """
-    q_indptr_host = q_indptr.cpu()  # free when given on the CPU, as the integration does
-    q_indptr = q_indptr.to(q.device, non_blocking=True)
+    q_indptr = q_indptr.cpu()  # free when given on the CPU, as the integration does
     scores = window_scores(q, q_indptr, k_buffer, index, scale, backend=backend)
     cal = calibrate(
-        scores, q_indptr_host, budgets, prev_evidence, prefix_lens,
+        scores, q_indptr, budgets, prev_evidence, prefix_lens,
         pool_kernel=pool_kernel, backend=backend,
     )  # fmt: skip
-    lengths = list(cal.lengths) if cal.lengths is not None else cal.indptr.diff().tolist()
     keep = select_keep_packed(
-        cal.scores if calibrated else cal.base, lengths, budgets,
-        q_indptr_host.diff().tolist(), prefix_lens,
+        cal.scores if calibrated else cal.base, cal.lengths, budgets,
+        q_indptr.diff().tolist(), prefix_lens,
     )  # fmt: skip
-    return keep, segments(cal.evidence, host_offsets(lengths))
+    return keep, segments(cal.evidence, host_offsets(cal.lengths))
 
 
 def compact(
