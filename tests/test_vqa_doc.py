@@ -367,10 +367,11 @@ def test_mix_ups_name_the_word_answered_instead():
 
 
 def test_train_script_runs_five_stages_once_with_the_extra_flags(tmp_path):
-    """``tiny_doc/train.sh OUT FLAG...``: five stages in order, each with FLAGs, stages 2-3
-    resuming OUT and 4-5 starting from the stage before; run again, it starts nothing (each
-    stage is skipped once its ``training.json`` reaches its steps). ``python`` is a stub that
-    records each training command and writes the steps it would reach."""
+    """``tiny_doc/train.sh OUT FLAG...``: five stages in order, each with FLAGs, the ink probe
+    from stage 2 on (as the shipped run), stages 2-3 resuming OUT (stage 3 stopping at step
+    6,500) and 4-5 starting from the stage before; run again, it starts nothing (each stage is
+    skipped once its ``training.json`` reaches its steps). ``python`` is a stub that records each
+    training command and writes the steps it would reach."""
     import os
     import subprocess
     import sys
@@ -400,12 +401,15 @@ json.dump({{"steps": steps}}, open(os.path.join(out, "training.json"), "w"))
     out = tmp_path / "run"
     for _ in range(2):
         subprocess.run(
-            ["bash", str(script), str(out), "--ink-loss", "1", "--ink-probe-scale", "16"],
+            ["bash", str(script), str(out), "--eval-n", "12"],
             env=env, cwd=tmp_path, check=True, capture_output=True,
         )  # fmt: skip
     outs, commands = zip(*(line.split("|") for line in log.read_text().splitlines()), strict=True)
     assert len(commands) == 5
-    assert all(" --ink-loss 1 --ink-probe-scale 16 " in c for c in commands)
+    assert all(" --eval-n 12" in c for c in commands)
+    probe = [" --ink-loss 1 --ink-probe-scale 16 " in c for c in commands]
+    assert probe == [False, True, True, True, True]
+    assert " --until 6500" in commands[2]
     assert outs == (str(out),) * 3 + (str(out / "stage4"), str(out / "stage5"))
     assert [f"--resume {out} " in c for c in commands] == [False, True, True, False, False]
     assert f"--init {out} " in commands[3] and f"--init {out / 'stage4'} " in commands[4]
