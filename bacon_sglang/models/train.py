@@ -352,7 +352,7 @@ class Prefetcher:
         """The batch of ``step`` (steps are taken in order)."""
         last = min(self.args.steps, self.args.until or self.args.steps)
         while len(self.pending) < self.n and self.step < last:
-            done = self.step / self.args.steps
+            done = progress(self.step, 0.0, self.args)  # by steps: --prefetch needs --steps
             _, grid, batch = step_plan(self.step, done, self.args)
             future = self.pool.submit(_worker_batch, self.seen, batch, grid, done)
             self.pending.append((self.step, future))
