@@ -111,9 +111,10 @@ def text_only_keep(inputs: dict, layers: int, kv_heads: int) -> torch.Tensor:
     return text.expand(layers, kv_heads, -1)
 
 
-def offline_rows(model_path: Path, samples, methods, budgets) -> dict:
+def offline_rows(model_path: Path, samples, methods, budgets, policies=None) -> dict:
     """``{(method, budget): {"answers": [...], "slots": [...]}}`` of the offline methods, and
-    ``(NO_IMAGE, None)``: the answers with every image token dropped from the cache."""
+    ``(NO_IMAGE, None)``: the answers with every image token dropped from the cache.
+    ``policies`` maps a method name to its policy object (default: :func:`policy_for`)."""
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
     def load(impl):
@@ -138,7 +139,7 @@ def offline_rows(model_path: Path, samples, methods, budgets) -> dict:
         out[(NO_IMAGE, None)]["answers"].append(tokenizer.decode(tokens, skip_special_tokens=True))
         out[(NO_IMAGE, None)]["slots"].append(slots_held(keep))
         for m in methods:
-            policy = policy_for(m, heads)
+            policy = policies[m] if policies else policy_for(m, heads)
             for b in budgets:
                 keep = keep_sets_from_windows(windows, kv_heads, policy, b, 0)
                 tokens, _ = decode_with_keep_sets(
