@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,13 @@ FLAGS: dict[str, tuple[str, str]] = {
 # Keys a request may override (its ``custom_params["kv_compression"]``).
 OVERRIDABLE = ("policy", "budget", "window", "pool_kernel", "min_prompt", "prefix_cache")
 
+# The largest average-pool kernel (flag or override): wider kernels smear a score over more
+# than a few image patches, and on a GPU each distinct kernel compiles its own variant.
+MAX_POOL_KERNEL = 31
+# A request may ask for an observation window up to this (or the server's own, if larger):
+# the window's queries are held per layer during the prefill, so it bounds that memory.
+MAX_OVERRIDE_WINDOW = 1024
+
 
 class ConfigError(ValueError):
     """A bad ``--kv-*`` value; the message names the flag and fits on one line."""
@@ -103,6 +111,10 @@ class CompressionConfig:
             )
         _require_int("--kv-window", self.window, minimum=1)
         _require_int("--kv-pool-kernel", self.pool_kernel, minimum=1)
+        if self.pool_kernel > MAX_POOL_KERNEL:
+            raise ConfigError(
+                f"--kv-pool-kernel: must be <= {MAX_POOL_KERNEL}, got {self.pool_kernel}"
+            )
         if self.pool_kernel % 2 == 0:
             raise ConfigError(f"--kv-pool-kernel: must be odd, got {self.pool_kernel}")
         budget = _parse_budget(self.budget)
@@ -147,27 +159,43 @@ class CompressionConfig:
             and self.kept_tokens(private_len) < private_len
         )
 
-    def with_overrides(self, overrides: dict[str, Any]) -> CompressionConfig:
-        """A copy with per-request overrides applied (keys: policy, budget, window,
-        pool_kernel, min_prompt, prefix_cache, optionally prefixed with ``kv_``); validated
-        the same way.
+    def with_overrides(
+        self, overrides: dict[str, Any], context_len: int | None = None
+    ) -> CompressionConfig:
+        """A copy with a request's override applied (its ``custom_params["kv_compression"]``).
 
-        An override of ``budget`` without ``min_prompt`` re-derives the default minimum."""
+        Keys: policy, budget, window, pool_kernel, min_prompt, prefix_cache, optionally
+        prefixed with ``kv_``; each value has a JSON type and a range
+        (:func:`override_ranges`, tied to the server's ``context_len``), checked before the
+        combination is validated as the flags are. An override of ``budget`` without
+        ``min_prompt`` re-derives the default minimum. Raises :class:`ConfigError` naming the
+        key and its range."""
         if not isinstance(overrides, dict):
-            raise ConfigError(f"kv override must be a JSON object, got {type(overrides).__name__}")
-        fields = set(OVERRIDABLE)
+            raise ConfigError(
+                f"{OVERRIDE_KEY}: must be a JSON object, got {type(overrides).__name__}"
+            )
+        ranges = override_ranges(self, context_len)
         changes: dict[str, Any] = {}
         for key, value in overrides.items():
             name = key.removeprefix("kv_") if isinstance(key, str) else key
-            if name not in fields:
+            if name not in ranges:
                 raise ConfigError(
-                    f"kv override: unknown key {key!r}; expected one of "
-                    f"{', '.join('kv_' + f for f in sorted(fields))}"
+                    f"{OVERRIDE_KEY}: unknown key {key!r}; expected one of "
+                    f"{', '.join(sorted(OVERRIDABLE))} (optionally prefixed kv_)"
                 )
+            check, text = ranges[name]
+            if not check(value):
+                raise ConfigError(f"{OVERRIDE_KEY}.{name}: must be {text}, got {_shown(value)}")
             changes[name] = value
         if "budget" in changes and "min_prompt" not in changes:
             changes["min_prompt"] = None
-        return dataclasses.replace(self, **changes)
+        try:
+            return dataclasses.replace(self, **changes)
+        except ConfigError as exc:  # a combination (budget < window): name the keys
+            message = str(exc)
+            for flag, (field, _) in FLAGS.items():
+                message = message.replace(flag, f"{OVERRIDE_KEY}.{field}")
+            raise ConfigError(message) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -175,6 +203,58 @@ class CompressionConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
         return cls(**{k: v for k, v in data.items() if v is not None})
+
+
+OVERRIDE_KEY = "kv_compression"
+
+
+def _is_int(value: Any, low: int, high: int | None) -> bool:
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= low
+        and (high is None or value <= high)
+    )
+
+
+def override_ranges(
+    config: CompressionConfig, context_len: int | None = None
+) -> dict[str, tuple[Callable[[Any], bool], str]]:
+    """Per override key: (check of a JSON value, the range in words) for a server running
+    ``config`` with a context of ``context_len`` tokens (None: no context bound).
+
+    budget: an integer in [1, context_len] (at least the window, checked with it) or a
+    fraction in (0, 1); window: an integer in [1, min(context_len, max(server window,
+    MAX_OVERRIDE_WINDOW))]; pool_kernel: an odd integer in [1, MAX_POOL_KERNEL]; min_prompt:
+    an integer in [1, context_len]; policy and prefix_cache: one of their names. Strings,
+    floats for integer keys, booleans, null and nested values are out of range."""
+    top = context_len
+    window_top = max(config.window, MAX_OVERRIDE_WINDOW)
+    window_top = window_top if top is None else min(top, window_top)
+    upto = "" if top is None else f", at most {top} (the context length)"
+    return {
+        "policy": (lambda v: v in POLICY_NAMES, f"one of {', '.join(POLICY_NAMES)}"),
+        "prefix_cache": (
+            lambda v: v in PREFIX_CACHE_MODES,
+            f"one of {', '.join(PREFIX_CACHE_MODES)}",
+        ),
+        "budget": (
+            lambda v: _is_int(v, 1, top) or (isinstance(v, float) and 0.0 < v < 1.0),
+            f"an integer >= 1{upto}, or a fraction strictly between 0 and 1",
+        ),
+        "window": (lambda v: _is_int(v, 1, window_top), f"an integer in [1, {window_top}]"),
+        "pool_kernel": (
+            lambda v: _is_int(v, 1, MAX_POOL_KERNEL) and v % 2 == 1,
+            f"an odd integer in [1, {MAX_POOL_KERNEL}]",
+        ),
+        "min_prompt": (lambda v: _is_int(v, 1, top), f"an integer >= 1{upto}"),
+    }
+
+
+def _shown(value: Any) -> str:
+    """A JSON value as the error shows it (long ones cut)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _require_int(flag: str, value: Any, minimum: int) -> None:

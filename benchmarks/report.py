@@ -25,6 +25,7 @@ import paper_table
 import prefix_reuse
 import premise
 import serving
+import soak
 
 from bacon_sglang.models import vqa
 
@@ -319,6 +320,23 @@ def demo_section(path: Path) -> str:
     )
 
 
+def soak_section(path: Path) -> str:
+    record = json.loads(path.read_text())
+    runs = ", ".join(f"TP={r['tp']}: {r['requests']} requests" for r in record["runs"])
+    return "\n\n".join(
+        [
+            "## Fault soak",
+            "`python benchmarks/soak.py`: a CPU server with the shipped shapes model, "
+            "`--kv-policy bacon --kv-budget 64 --page-size 16 --chunked-prefill-size 128` and "
+            "SGLang's forced retraction, four clients drawing a seeded mix of image, text, "
+            "long (chunked) and streamed requests, per-request overrides, fuzzed bad overrides "
+            "and malformed images, parallel sampling, aborts at a random moment and greedy "
+            f"control requests ({runs}); {machine_line(record['machine'])}. " + files(path),
+            soak.render(record),
+        ]
+    )
+
+
 def demo_timing() -> str:
     """The README's sentence on how long the demo takes (from the newest demo_time.json)."""
     record = json.loads(serving.latest_result("demo_time.json").read_text())
@@ -362,6 +380,7 @@ def run_tables() -> dict[Path, str]:
         "evidence_retention.json": evidence_retention.render,
         "kernels_cpu.json": kernels.render,
         "kernels_gpu.json": kernels.render,
+        "soak.json": soak.render,
     }
     for task in TASKS:
         renderers |= {
@@ -388,6 +407,7 @@ def results_readme() -> str:
         evidence_section(RESULTS / "evidence_retention.json"),
         kernels_section(sorted(RESULTS.glob("kernels_*.json"))),
         demo_section(serving.latest_result("demo_time.json")),
+        soak_section(serving.latest_result("soak.json")),
     ]
     head = (
         "# Benchmark results\n\n"

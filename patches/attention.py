@@ -47,10 +47,15 @@ def after_attention_forward(result, backend, *args, **kwargs):
     if forward_batch.forward_mode.name != "EXTEND":
         return result
     q = a["q"].reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-    with torch.no_grad():
-        score_layer(runtime, layer, q)
-        if layer.layer_id == runtime.num_layers - 1:
-            compact_all(runtime)
+    compacting = False
+    try:
+        with torch.no_grad():
+            score_layer(runtime, layer, q)
+            if layer.layer_id == runtime.num_layers - 1:
+                compacting = True
+                compact_all(runtime)
+    except Exception as exc:  # noqa: BLE001 - one request's failure must not end the server
+        scheduler_patch.contain_forward_failure(runtime, exc, compacting)
     return result
 
 
@@ -58,6 +63,8 @@ def score_layer(runtime, layer, q: torch.Tensor) -> None:
     """Steps 1-2 for every planned request at this layer."""
     finishing: dict[tuple, list] = {}  # (policy, pool kernel) -> [(compression, q_window)]
     for entry in runtime.plan:
+        if entry.window is None:  # keep-set known (a retracted request) or failed
+            continue
         rows = q[entry.q_start : entry.q_start + entry.q_len]
         q_window = entry.window.add(layer.layer_id, rows)
         c = entry.compression

@@ -17,6 +17,7 @@ class CompressionCounters:
     evicted_tokens: object
     freed_slots: object
     copy_fallbacks: object
+    failures: object
 
     def record(self, evicted: int, freed: int, copy_fallback: bool = False) -> None:
         self.compressed_requests.inc()
@@ -48,5 +49,10 @@ def make_counters() -> CompressionCounters:
             "sglang:bacon_copy_fallbacks",
             "Compressed requests compacted in place because the pool had no room for a "
             "compressed copy (--kv-prefix-cache full).",
+        ),
+        Counter(
+            "sglang:bacon_compression_failures",
+            "Requests whose compression failed and which were served uncompressed (or, "
+            "when their KV was half compacted in place, aborted).",
         ),
     )

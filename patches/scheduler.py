@@ -18,7 +18,11 @@ prompt goes into the radix tree as evictable cache (``patches/radix_cache.py``).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
+import re
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,8 +45,19 @@ class PlanEntry:
     req: object
     q_start: int  # first row of the request in the forward's flat query tensor
     q_len: int  # new tokens of the request in this forward
-    window: WindowQueries
+    window: WindowQueries | None  # None: the keep-set is known (a retracted request)
     compression: RequestCompression | None  # None: a middle chunk (queries stashed only)
+    generated: int = 0  # tokens generated before a retraction, kept whole (never scored)
+
+
+@dataclass(frozen=True)
+class RetainedKeep:
+    """What a request's compression chose, kept on the request (``req.bacon_keep``) so that
+    the prefill after a retraction compacts the prompt to the same tokens."""
+
+    prompt_len: int  # the prompt, generated tokens excluded
+    prefix_len: int
+    keep: torch.Tensor  # [num_layers, Hkv, kept] positions in [prefix_len, prompt_len)
 
 
 @dataclass
@@ -57,13 +72,18 @@ class Runtime:
     num_layers: int
     num_kv_heads: int
     policies: dict[tuple[str, int], Policy] = field(default_factory=dict)
+    context_len: int | None = None
     plan: list[PlanEntry] | None = None
-    windows: dict[str, WindowQueries] = field(default_factory=dict)  # rid -> stash
+    # Window queries of requests whose prompt continues in a later chunk, keyed by the
+    # request object itself (never by rid: a later request may reuse an aborted one's rid).
+    windows: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
     compressed_requests: int = 0
     evicted_tokens: int = 0
     freed_slots: int = 0
     copies: int = 0  # compressed into a copy, full prompt left in the radix tree
     copy_fallbacks: int = 0  # a copy was asked for, the pool had no room: in place
+    failures: int = 0  # compression failed for a request, served uncompressed
+    retraction_reuses: int = 0  # prefills after a retraction that reused the keep-set
     counters: CompressionCounters | None = None  # Prometheus, with --enable-metrics
 
     def policy(self, config: CompressionConfig) -> Policy:
@@ -78,16 +98,17 @@ RUNTIME: Runtime | None = None
 
 def request_config(runtime: Runtime, req) -> CompressionConfig:
     """The server config with the request's per-request override applied (validated by
-    ``patches/tokenizer.py`` before the request reached the scheduler)."""
+    ``patches/tokenizer_manager.py`` before the request reached the scheduler; a request
+    that reaches it otherwise and fails the same check is not compressed)."""
     custom = getattr(req.sampling_params, "custom_params", None) or {}
     override = custom.get("kv_compression") if isinstance(custom, dict) else None
     if not override:
         return runtime.config
     try:
-        return runtime.config.with_overrides(override)
-    except ConfigError as exc:  # already rejected at the API; never crash the scheduler
-        logger.warning("bacon-sglang: ignoring invalid kv_compression override: %s", exc)
-        return runtime.config
+        return runtime.config.with_overrides(override, runtime.context_len)
+    except ConfigError as exc:
+        logger.warning("bacon-sglang: %s: invalid override, not compressed: %s", req.rid, exc)
+        return dataclasses.replace(runtime.config, policy="none")
 
 
 def unsupported(scheduler, kv_pool) -> list[str]:
@@ -148,6 +169,7 @@ def after_scheduler_init(result, scheduler, server_args, *args, **kwargs):
         num_layers=kv_pool.layer_num,
         num_kv_heads=kv_pool.head_num,
         counters=make_counters() if getattr(server_args, "enable_metrics", False) else None,
+        context_len=scheduler.model_config.context_len,
     )
     return result
 
@@ -157,28 +179,161 @@ def build_plan(runtime: Runtime, batch) -> list[PlanEntry]:
 
     Marks each of them ``skip_radix_cache_insert`` (its KV will not match its token ids
     once compressed, so SGLang must never insert it; with a copy, the plan's own insert
-    publishes the prompt's full KV instead)."""
+    publishes the prompt's full KV instead). A request whose planning raises is served
+    uncompressed (:func:`record_failure`); stashed window queries of requests that are not
+    in this batch any more (aborted, retracted) are dropped."""
     entries = []
     q_start = 0
     extend_lens = batch.extend_lens or []
+    in_batch = set()
     for i, req in enumerate(batch.reqs):
         q_len = int(extend_lens[i]) if i < len(extend_lens) else 0
         start, q_start = q_start, q_start + q_len
-        config = request_config(runtime, req)
-        full_len = len(req.full_untruncated_fill_ids)
-        copy = copies_prompt(runtime, config)
-        private = full_len - kept_whole(runtime, req, config, copy)
-        if q_len == 0 or not config.should_compress(private):
-            runtime.windows.pop(req.rid, None)
-            continue
-        req.skip_radix_cache_insert = True
-        window = runtime.windows.setdefault(req.rid, WindowQueries(config.window))
-        compression = None
-        if int(batch.seq_lens_cpu[i]) == full_len:  # the prompt ends in this forward
-            runtime.windows.pop(req.rid, None)
-            compression = plan_compression(runtime, req, config, full_len, copy)
-        entries.append(PlanEntry(req, start, q_len, window, compression))
+        in_batch.add(id(req))
+        try:
+            entry = plan_entry(runtime, batch, i, req, start, q_len)
+        except Exception as exc:  # noqa: BLE001 - any planning error: serve uncompressed
+            record_failure(runtime, req, "plan", exc)
+            entry = None
+        if entry is not None:
+            entries.append(entry)
+    for req in [r for r in runtime.windows if id(r) not in in_batch]:
+        del runtime.windows[req]
     return entries
+
+
+def plan_entry(runtime: Runtime, batch, i: int, req, q_start: int, q_len: int):
+    """The :class:`PlanEntry` of request ``i`` of an extend batch, or None when it is not
+    compressed (a short prompt, policy none, no tokens to decode, an earlier failure)."""
+    config = request_config(runtime, req)
+    full_len = len(req.full_untruncated_fill_ids)
+    copy = copies_prompt(runtime, config)
+    retained = getattr(req, "bacon_keep", None)
+    prompt_len = full_len if retained is None else retained.prompt_len
+    private = prompt_len - kept_whole(runtime, req, config, copy)
+    if (
+        q_len == 0
+        or getattr(req, "bacon_failed", False)
+        or req.sampling_params.max_new_tokens == 0  # prefill only (parallel-sampling warm-up)
+        or not config.should_compress(private)
+    ):
+        runtime.windows.pop(req, None)
+        return None
+    finishing = int(batch.seq_lens_cpu[i]) == full_len  # the prompt ends in this forward
+    if retained is not None:  # prefilled again after a retraction: the same keep-set
+        req.skip_radix_cache_insert = True
+        if not finishing:
+            return None
+        compression = reuse_compression(runtime, req, config, full_len, copy)
+        if compression is None:
+            return None
+        return PlanEntry(req, q_start, q_len, None, compression, full_len - retained.prompt_len)
+    req.skip_radix_cache_insert = True
+    window = runtime.windows.setdefault(req, WindowQueries(config.window))
+    compression = None
+    if finishing:
+        runtime.windows.pop(req, None)
+        compression = plan_compression(runtime, req, config, full_len, copy)
+    return PlanEntry(req, q_start, q_len, window, compression)
+
+
+def reuse_compression(
+    runtime: Runtime, req, config: CompressionConfig, full_len: int, copy: bool
+) -> RequestCompression | None:
+    """The compression of a retracted request prefilled again (prompt + the tokens it had
+    generated): the prompt keeps what its first prefill chose (``req.bacon_keep``), the
+    generated tokens are kept whole. None (served uncompressed, counted as a failure) when
+    its shared prefix changed meanwhile, so the old keep-set no longer applies."""
+    retained: RetainedKeep = req.bacon_keep
+    prefix_len = kept_whole(runtime, req, config, copy)
+    if prefix_len != retained.prefix_len:
+        record_failure(
+            runtime, req, "retraction", f"shared prefix {retained.prefix_len} -> {prefix_len}"
+        )
+        return None
+    slots = runtime.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :full_len].clone()
+    num_layers, num_kv_heads, _ = retained.keep.shape
+    generated = torch.arange(retained.prompt_len, full_len, device=retained.keep.device)
+    keep = torch.cat([retained.keep, generated.expand(num_layers, num_kv_heads, -1)], dim=-1).to(
+        slots.device
+    )
+    c = RequestCompression(
+        config, runtime.policy(config), full_len, prefix_len, keep.shape[-1], slots, keep,
+        cached_len=req.kv.cache_protected_len,
+    )  # fmt: skip
+    if copy:
+        c.copy_slots = radix_cache.alloc_copy(runtime.tree_cache, c.kept)
+        if c.copy_slots is None:
+            record_failure(runtime, req, "retraction", "no room for the compressed copy")
+            return None
+    runtime.retraction_reuses += 1
+    return c
+
+
+def record_failure(runtime: Runtime, req, stage: str, error) -> None:
+    """Compression of ``req`` failed at ``stage`` before its KV was changed: it is served
+    uncompressed from here on (and cached as SGLang would), the failure counted in
+    ``/server_info`` and Prometheus, one log line with the rid."""
+    req.bacon_failed = True
+    req.skip_radix_cache_insert = False
+    runtime.windows.pop(req, None)
+    runtime.failures += 1
+    if runtime.counters is not None:
+        runtime.counters.failures.inc()
+    logger.error(
+        "bacon-sglang: compression of %s failed (%s), served uncompressed: %s",
+        req.rid, stage, error if isinstance(error, str) else repr(error),
+    )  # fmt: skip
+
+
+def fail_plan(runtime: Runtime, entries: list[PlanEntry], stage: str, error) -> None:
+    """The forward's compression failed before any KV was moved: every planned request is
+    served uncompressed and its copy slots (never pointed at) go back to the pool."""
+    for entry in entries:
+        c = entry.compression
+        if c is not None and c.copy_slots is not None:
+            radix_cache.free_copy(runtime.tree_cache, c.copy_slots)
+        entry.compression = None
+        entry.window = None
+        record_failure(runtime, entry.req, stage, error)
+
+
+def contain_forward_failure(runtime: Runtime, error: Exception, compacting: bool) -> None:
+    """An exception in the forward's compression path (``patches/attention.py``): scoring
+    failed (``compacting=False``): nothing was moved, every planned request is served
+    uncompressed. Compaction failed: requests compacted into a copy are served uncompressed
+    (their rows were never touched); a request compacted in place may have half-moved KV,
+    so it alone is aborted (HTTP 500). A device error (CUDA's sticky errors) leaves no
+    state to trust: it is raised, and SGLang stops the server."""
+    if _is_device_error(error):
+        raise error
+    entries = runtime.plan or []
+    if not compacting:
+        fail_plan(runtime, entries, "score", error)
+        return
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+    copied = [
+        e for e in entries if e.compression is not None and e.compression.copy_slots is not None
+    ]
+    in_place = [
+        e for e in entries if e.compression is not None and e.compression.copy_slots is None
+    ]
+    fail_plan(runtime, copied, "compact", error)
+    for entry in in_place:
+        entry.compression = None
+        record_failure(runtime, entry.req, "compact in place: request aborted", error)
+        entry.req.skip_radix_cache_insert = True  # its KV must never reach the tree
+        entry.req.to_finish = FINISH_ABORT(
+            "bacon-sglang: KV compaction failed for this request", status_code=500
+        )
+
+
+def _is_device_error(error: BaseException) -> bool:
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    return "CUDA error" in str(error) or "device-side assert" in str(error)
 
 
 def copies_prompt(runtime: Runtime, config: CompressionConfig) -> bool:
@@ -254,9 +409,10 @@ def text_before_first_image(req, page_size: int) -> int:
     return min(starts) // page_size * page_size if starts else 0
 
 
-def dump_keep_sets(c: RequestCompression, rid: str) -> None:
+def dump_keep_sets(c: RequestCompression, rid: str, retracted: bool = False) -> None:
     """``--kv-debug-dir``: save the request's keep-sets (tests compare against them);
-    ``<rid>.pt``, or ``<rid>.tp<rank>.pt`` per tensor-parallel rank."""
+    ``<rid>.pt``, or ``<rid>.tp<rank>.pt`` per tensor-parallel rank; the prefill after a
+    retraction writes ``<rid>.retracted.pt`` (its keep-sets end with the generated tokens)."""
     from sglang.srt.distributed.parallel_state import (
         get_tensor_model_parallel_rank,
         get_tensor_model_parallel_world_size,
@@ -273,8 +429,28 @@ def dump_keep_sets(c: RequestCompression, rid: str) -> None:
     }
     # With --tp-size N each rank holds (and writes the keep-sets of) its own KV heads.
     tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-    name = f"{rid}.pt" if tp_size == 1 else f"{rid}.tp{tp_rank}.pt"
-    torch.save({**record, "tp_rank": tp_rank, "tp_size": tp_size}, directory / name)
+    path = keep_set_path(directory, rid, tp_rank if tp_size > 1 else None, retracted)
+    torch.save({**record, "tp_rank": tp_rank, "tp_size": tp_size}, path)
+
+
+_SAFE_RID = re.compile(r"[A-Za-z0-9_-]{1,100}")
+
+
+def keep_set_path(
+    directory: Path, rid: str, tp_rank: int | None = None, retracted: bool = False
+) -> Path:
+    """``DIR/<rid>.pt`` (``<rid>.tp<rank>.pt`` per tensor-parallel rank) for a rid of at
+    most 100 letters, digits, ``_`` and ``-`` (SGLang's own rids); any other rid is
+    written as those characters (others replaced by ``_``, cut to 64) and a hash of the
+    rid, so every file stays inside ``DIR`` and two rids never share a file."""
+    rid = str(rid)
+    if _SAFE_RID.fullmatch(rid):
+        stem = rid
+    else:
+        digest = hashlib.sha256(rid.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        stem = f"{re.sub(r'[^A-Za-z0-9_-]', '_', rid)[:64]}-{digest}"
+    suffix = (".retracted" if retracted else "") + ("" if tp_rank is None else f".tp{tp_rank}")
+    return Path(directory) / f"{stem}{suffix}.pt"
 
 
 def apply_plan(runtime: Runtime, batch, entries: list[PlanEntry]) -> None:
@@ -305,7 +481,14 @@ def apply_plan(runtime: Runtime, batch, entries: list[PlanEntry]) -> None:
         req.kv.kv_allocated_len = c.new_len
         req.kv.kv_committed_len = c.new_len
         req.bacon_position_offset = c.evicted
-        stats = c.stats(ps, tree_tokens)
+        if entry.generated == 0:  # a retracted request is compacted to the same tokens
+            req.bacon_keep = RetainedKeep(c.prompt_len, c.prefix_len, c.keep)
+        # After a retraction the report is the prompt's, as at its first prefill: the
+        # tokens generated before it are no prompt, kept whole, never counted as kept.
+        prompt_only = dataclasses.replace(
+            c, prompt_len=c.prompt_len - entry.generated, kept=c.kept - entry.generated
+        )
+        stats = prompt_only.stats(ps, tree_tokens)
         if req.customized_info is None:
             req.customized_info = {}
         req.customized_info["kv_compression"] = [stats]
@@ -316,12 +499,16 @@ def apply_plan(runtime: Runtime, batch, entries: list[PlanEntry]) -> None:
             runtime.counters.record(c.evicted, stats["freed_slots"], c.copy_fallback)
         new_lens[id(req)] = c.new_len
         if c.config.debug_dir:
-            dump_keep_sets(c, req.rid)
+            try:
+                dump_keep_sets(c, req.rid, retracted=entry.generated > 0)
+            except OSError as exc:  # a debugging aid: never the reason a request fails
+                logger.error("bacon-sglang: keep-sets of %s not written: %r", req.rid, exc)
         logger.info(
             "bacon-sglang: compressed %s: policy=%s prompt=%d cached=%d shared_prefix=%d "
-            "kept=%d evicted=%d freed_slots=%d kv=%s tree_tokens=%d",
-            req.rid, c.config.policy, c.prompt_len, c.cached_len, c.prefix_len, c.new_len,
-            c.evicted, stats["freed_slots"], stats["kv_source"], tree_tokens,
+            "kept=%d evicted=%d freed_slots=%d kv=%s tree_tokens=%d generated=%d",
+            req.rid, c.config.policy, stats["prompt_tokens"], c.cached_len, c.prefix_len,
+            stats["kept_tokens"], c.evicted, stats["freed_slots"], stats["kv_source"],
+            tree_tokens, entry.generated,
         )  # fmt: skip
     if not new_lens:
         return
@@ -379,8 +566,23 @@ def kv_memory(scheduler) -> dict:
         "freed_slots": runtime.freed_slots if runtime else 0,
         "copies": runtime.copies if runtime else 0,
         "copy_fallbacks": runtime.copy_fallbacks if runtime else 0,
+        "failures": runtime.failures if runtime else 0,
+        "retraction_reuses": runtime.retraction_reuses if runtime else 0,
+        "stashed_requests": stashed_requests(runtime, scheduler),
         **parallel.STATS,
     }
+
+
+def stashed_requests(runtime: Runtime | None, scheduler) -> int:
+    """Requests holding stashed window queries: only one whose chunked prefill is under way
+    (SGLang's ``chunked_req``) may; any other entry (aborted between chunks, say) is dropped
+    here. 0 at idle."""
+    if runtime is None:
+        return 0
+    current = getattr(scheduler, "chunked_req", None)
+    for req in [r for r in runtime.windows if r is not current]:
+        del runtime.windows[req]
+    return len(runtime.windows)
 
 
 def after_get_internal_state(result, scheduler, *args, **kwargs):

@@ -16,8 +16,10 @@ from bacon_sglang.patches.output_streamer import KEY
 from bacon_sglang.patches.server_args import config_of
 
 
-def validate_override(server_config, sampling_params) -> None:
-    """Raise ValueError when ``sampling_params`` carries a bad ``kv_compression`` override."""
+def validate_override(server_config, sampling_params, context_len: int | None = None) -> None:
+    """Raise ValueError when ``sampling_params`` carries a bad ``kv_compression`` override
+    (a key, a type or a value out of its range for a context of ``context_len`` tokens; see
+    :func:`bacon_sglang.config.override_ranges`)."""
     if not isinstance(sampling_params, dict):
         return
     custom = sampling_params.get("custom_params")
@@ -25,9 +27,9 @@ def validate_override(server_config, sampling_params) -> None:
         return
     override = custom[KEY]
     try:
-        config = server_config.with_overrides(override)
-    except (ConfigError, TypeError) as exc:
-        raise ValueError(f"invalid custom_params.{KEY}: {exc}") from None
+        config = server_config.with_overrides(override, context_len)
+    except ConfigError as exc:
+        raise ValueError(f"invalid custom_params.{exc}") from None
     if config.enabled and not server_config.enabled:
         raise ValueError(
             f"custom_params.{KEY} asks for policy {config.policy!r}, but the server was "
@@ -39,8 +41,9 @@ def before_generate_request(manager, obj, *args, **kwargs):
     """BEFORE ``TokenizerManager.generate_request(self, obj, request=None)``."""
     params = getattr(obj, "sampling_params", None)
     server_config = config_of(manager.server_args)
+    context_len = getattr(manager, "context_len", None)
     for p in params if isinstance(params, list) else [params]:
-        validate_override(server_config, p)
+        validate_override(server_config, p, context_len)
     return None
 
 

@@ -295,6 +295,63 @@ def test_concurrent_mixed_requests_retraction_and_abort_leak_nothing(server, pro
     assert_integrity(server.base_url)
 
 
+@pytest.mark.parametrize("prefix_cache", ["full", "shared"])
+def test_retracted_requests_keep_their_prompt_keep_sets(server, processor, prefix_cache):
+    """SGLang's forced retraction (every 3rd decode step while more than one request runs):
+    three concurrent greedy image requests are retracted and prefilled again. Each reports
+    its prompt only, as at its first prefill (the tokens it had generated are no prompt and
+    are never compressed away), and the prefill after the retraction (its keep-set file
+    ``<rid>.retracted.pt``) keeps the prompt tokens its first prefill chose, then every
+    generated token.
+
+    Not asserted: that its greedy tokens equal those it answers alone. They do not always:
+    the prefill after a retraction recomputes the generated tokens' KV attending to the full
+    prompt, where the first decode attended to the compressed one (README, Reliability)."""
+    retracted = "sglang:num_retracted_requests_total"
+    before = prometheus(server.base_url, retracted).get(retracted, 0.0)
+    reuses = kv_memory(server.base_url)["retraction_reuses"]
+    override = {"prefix_cache": prefix_cache}
+    questions = ("Describe the picture.", "Which shape is red?", "Count the circles, please.")
+    texts = [chat_prompt(processor, q) for q in questions]
+    # An image of its own: compacted in place, a prompt matched in the tree stays whole.
+    img = demo_image().rotate(90 if prefix_cache == "full" else 270)
+    replies = [None] * len(texts)
+
+    def send(i: int) -> None:
+        replies[i] = generate(server.base_url, texts[i], img, 24, override)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert prometheus(server.base_url, retracted)[retracted] > before
+    assert kv_memory(server.base_url)["retraction_reuses"] > reuses
+    retracted_seen = 0
+    for reply in replies:
+        report, meta = reply["meta_info"]["kv_compression"], reply["meta_info"]
+        assert report["prompt_tokens"] == meta["prompt_tokens"]
+        assert report["kept_tokens"] + report["evicted_tokens"] == meta["prompt_tokens"]
+        assert meta["completion_tokens"] == 24
+        first = torch.load(server.debug_dir / f"{meta['id']}.pt")
+        assert first["prompt_len"] == meta["prompt_tokens"]
+        assert first["keep"].shape[-1] == report["kept_tokens"] - report["shared_prefix_tokens"]
+        again = server.debug_dir / f"{meta['id']}.retracted.pt"
+        if meta["num_retractions"] == 0:
+            assert not again.exists()
+            continue
+        retracted_seen += 1
+        last = torch.load(again)
+        generated = last["prompt_len"] - meta["prompt_tokens"]
+        assert 0 < generated < 24
+        prompt_kept = first["keep"].shape[-1]
+        assert torch.equal(last["keep"][..., :prompt_kept], first["keep"])
+        tail = torch.arange(meta["prompt_tokens"], last["prompt_len"])
+        assert torch.equal(last["keep"][..., prompt_kept:], tail.expand(4, 2, -1))
+    assert retracted_seen > 0
+    assert_integrity(server.base_url)
+
+
 def test_in_place_mode_shares_the_matched_prefix_and_never_inserts(
     server, processor, hf_model, hf_eager
 ):

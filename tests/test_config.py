@@ -2,7 +2,12 @@
 
 import pytest
 
-from bacon_sglang.config import CompressionConfig, ConfigError
+from bacon_sglang.config import (
+    MAX_OVERRIDE_WINDOW,
+    MAX_POOL_KERNEL,
+    CompressionConfig,
+    ConfigError,
+)
 
 
 def test_defaults():
@@ -63,10 +68,50 @@ def test_overrides():
     assert base.with_overrides({"prefix_cache": "shared"}).prefix_cache == "shared"
     with pytest.raises(ConfigError, match="unknown key"):
         base.with_overrides({"kv_bugdet": 1})
-    with pytest.raises(ConfigError, match="--kv-budget"):
+    with pytest.raises(ConfigError, match="kv_compression.budget"):
         base.with_overrides({"kv_budget": 0})
     with pytest.raises(ConfigError, match="JSON object"):
         base.with_overrides([1, 2])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ({"pool_kernel": 4611686018427387905}, "pool_kernel"),
+        ({"pool_kernel": MAX_POOL_KERNEL + 2}, "pool_kernel"),
+        ({"pool_kernel": 5.0}, "pool_kernel"),
+        ({"window": 32.0}, "window"),
+        ({"window": 4097}, "window"),  # above the context length
+        ({"window": MAX_OVERRIDE_WINDOW + 1}, "window"),
+        ({"budget": 4097}, "budget"),
+        ({"budget": "64"}, "budget"),
+        ({"budget": None}, "budget"),
+        ({"budget": True}, "budget"),
+        ({"budget": [64]}, "budget"),
+        ({"min_prompt": 4097}, "min_prompt"),
+        ({"policy": ["bacon"]}, "policy"),
+        ({"prefix_cache": {"a": 1}}, "prefix_cache"),
+        ({"window": 128, "budget": 64}, "budget"),  # the budget counts the window
+    ],
+)
+def test_override_values_have_ranges(override, key):
+    """Every override value is checked for its JSON type and range (tied to the server's
+    context length) and the error names the key and the range."""
+    base = CompressionConfig(policy="bacon", budget=64)
+    with pytest.raises(ConfigError) as info:
+        base.with_overrides(override, context_len=4096)
+    assert str(info.value).startswith(f"kv_compression.{key}:")
+    assert "\n" not in str(info.value)
+
+
+def test_override_bounds_follow_the_server():
+    base = CompressionConfig(policy="bacon", budget=4096, window=2048)
+    assert base.with_overrides({"window": 2048}, context_len=8192).window == 2048
+    ok = base.with_overrides({"budget": 4096, "window": 16, "pool_kernel": MAX_POOL_KERNEL}, 4096)
+    assert (ok.budget, ok.window, ok.pool_kernel) == (4096, 16, MAX_POOL_KERNEL)
+    assert base.with_overrides({"budget": 0.25}, 4096).budget == 0.25
+    with pytest.raises(ConfigError, match="--kv-pool-kernel: must be <="):
+        CompressionConfig(pool_kernel=MAX_POOL_KERNEL + 2)
 
 
 def test_round_trip():

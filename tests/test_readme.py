@@ -89,6 +89,7 @@ def test_generated_results_are_up_to_date():
                 "kernels",
                 "demo_time",
                 "prefix_reuse",
+                "soak",
             )
         ],
         [str(ROOT / "benchmarks" / "report.py")],

@@ -1,0 +1,344 @@
+"""Fault soak on the CPU engine: many clients doing what clients do, then the server must be
+whole (about 15 minutes for 1,000 requests and 8 for 300 on TP=2, on 2 loaded cores).
+
+    python benchmarks/soak.py                       # 1,000 requests, then 300 on TP=2
+    python benchmarks/soak.py --requests 100 --tp 1 # a short one
+    python benchmarks/soak.py --report-only         # rewrite soak.md from the JSON
+
+A CPU server with the shipped shapes model, ``--kv-policy bacon --kv-budget 64 --page-size 16
+--chunked-prefill-size 128`` and SGLang's forced retraction (``SGLANG_TEST_RETRACT=1``, every
+3rd decode step while more than one request runs) gets a seeded mix from a few client threads:
+image and text requests, long texts before the image (chunked prefill), per-request
+overrides, fuzzed bad overrides and malformed images (each must be a 4xx), parallel sampling
+(``n`` > 1), streamed requests, aborts at a random moment (waiting, mid chunked prefill, mid
+decode), and greedy control requests whose answers are compared with the same request served
+alone before the soak. Bounded in count (``--requests``) and time (``--minutes`` per server).
+
+It reports and checks: no 5xx, the server alive, the control answers equal to their solo
+answers (it reports, but does not fail on, control requests that were retracted: their
+tokens after the retraction may differ, see the README's Reliability), the pool whole at
+idle (``available + evictable == total``, nothing protected), no request holding stashed
+state, and the resident memory of the server's processes after the first and the last
+hundred requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import requests
+from serving import machine, results_dir
+from serving_client import grid_image
+
+from bacon_sglang.demo import image_data_url, kv_memory
+from bacon_sglang.server import running_server
+
+RETRACT_ENV = {"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "3"}
+FLAGS = [
+    "--kv-policy", "bacon", "--kv-budget", "64", "--page-size", "16",
+    "--chunked-prefill-size", "128", "--dtype", "float32", "--max-total-tokens", "8192",
+    "--enable-metrics",
+]  # fmt: skip
+# How often each kind of request is drawn (weights).
+MIX = {
+    "image": 30, "override": 10, "text": 10, "long": 5, "stream": 5, "parallel": 5,
+    "abort": 10, "bad_override": 10, "bad_image": 5, "control": 10,
+}  # fmt: skip
+QUESTIONS = ("Which shape is red?", "Describe the picture.", "Count the circles.", "Blue?")
+BAD_OVERRIDES = (
+    {"pool_kernel": 4611686018427387905}, {"pool_kernel": 4}, {"budget": -1},
+    {"budget": "64"}, {"window": 10**9}, {"window": None}, {"policy": ["bacon"]},
+    {"min_prompt": 0.5}, {"prefix_cache": {"x": 1}}, {"kv_bugdet": 64}, "bacon", [1, 2],
+)  # fmt: skip
+GOOD_OVERRIDES = (
+    {"budget": 48}, {"budget": 128, "window": 16}, {"budget": 0.3}, {"pool_kernel": 3},
+    {"prefix_cache": "shared"}, {"policy": "snapkv"}, {"policy": "none"}, {"window": 8},
+)  # fmt: skip
+BAD_IMAGES = (
+    "data:image/png;base64,not-base64!!",
+    "data:image/png;base64," + "iVBORw0KGgo" * 3,
+    "data:image/png;base64,",
+)
+
+
+def prompt(question: str, text_before: str = "") -> str:
+    """Qwen2-VL's chat template around one image."""
+    return (
+        f"<|im_start|>user\n{text_before}<|vision_start|><|image_pad|><|vision_end|>"
+        f"{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def image_url(seed: int) -> str:
+    return image_data_url(grid_image(224, seed))
+
+
+def generate_body(text: str, image: str | None, max_new: int, override=None, **extra) -> dict:
+    sampling = {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}
+    if override is not None:
+        sampling["custom_params"] = {"kv_compression": override}
+    sampling.update(extra.pop("sampling", {}))
+    body = {"text": text, "sampling_params": sampling, **extra}
+    if image is not None:
+        body["image_data"] = image
+    return body
+
+
+CONTROLS = [generate_body(prompt(q), image_url(100 + i), 12) for i, q in enumerate(QUESTIONS)]
+
+
+WORDS = "one two three four five six seven eight nine ten "
+
+
+def draw(kind: str, rng: random.Random, i: int) -> tuple[dict, float | None, bool]:
+    """(body, abort after this many seconds or None, whether a 4xx is expected)."""
+    image = image_url(rng.randrange(6))
+    question = rng.choice(QUESTIONS)
+    max_new = rng.randrange(1, 17)
+    text = prompt(question)
+    if kind == "abort":
+        body = generate_body(
+            prompt(question, WORDS * rng.choice([0, 100])), image, 200, rid=f"soak-abort-{i}-x"
+        )
+        return body, rng.uniform(0.0, 2.0), False
+    if kind == "text":
+        body = generate_body(f"Tell me about {question}", None, max_new)
+    elif kind == "long":
+        text = prompt(question, WORDS * rng.randrange(20, 120))
+        body = generate_body(text, image, max_new, {"window": rng.choice([16, 32, 64])})
+    elif kind == "parallel":
+        sampling = {"n": rng.choice([2, 3]), "temperature": 0.7}
+        body = generate_body(text, image, max_new, sampling=sampling)
+    elif kind == "bad_image":
+        body = generate_body(text, rng.choice(BAD_IMAGES), max_new)
+    else:
+        override = {"override": GOOD_OVERRIDES, "bad_override": BAD_OVERRIDES}.get(kind)
+        extra = {"stream": True} if kind == "stream" else {}
+        body = generate_body(text, image, max_new, override and rng.choice(override), **extra)
+    return body, None, kind in ("bad_override", "bad_image")
+
+
+def send(base_url: str, body: dict) -> tuple[int, dict | list | None]:
+    """POST /generate; (status, JSON or the last streamed event)."""
+    if body.get("stream"):
+        reply = requests.post(base_url + "/generate", json=body, stream=True, timeout=600)
+        last = None
+        for line in reply.iter_lines():
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                last = json.loads(line[6:])
+        return reply.status_code, last
+    reply = requests.post(base_url + "/generate", json=body, timeout=600)
+    try:
+        return reply.status_code, reply.json()
+    except ValueError:
+        return reply.status_code, None
+
+
+def server_rss_mb(pid: int) -> float:
+    """Resident memory of the server's process and its children, MiB."""
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return round(total / 2**20, 1)
+
+
+def wait_whole(base_url: str, timeout: float = 60.0) -> dict:
+    """``bacon_kv`` once the server is idle and whole, or as it is after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        mem = kv_memory(base_url)
+        whole = mem["available"] + mem["evictable"] == mem["total"] and mem["protected"] == 0
+        if (whole and mem.get("stashed_requests", 0) == 0) or time.monotonic() > deadline:
+            return mem
+        time.sleep(0.5)
+
+
+def soak(base_url: str, pid: int, requests_total: int, seconds: float, seed: int) -> dict:
+    """Run the mix against a running server; the record of one server configuration."""
+    solo = [send(base_url, body)[1]["output_ids"] for body in CONTROLS]
+    rng = random.Random(seed)
+    kinds = list(MIX)
+    plan = [rng.choices(kinds, weights=[MIX[k] for k in kinds])[0] for _ in range(requests_total)]
+    lock = threading.Lock()
+    outcomes: list[dict] = []
+    rss: dict[str, float] = {}
+    deadline = time.monotonic() + seconds
+    next_index = iter(range(requests_total))
+
+    def one(i: int) -> dict:
+        kind = plan[i]
+        if kind == "control":
+            c = i % len(CONTROLS)
+            status, reply = send(base_url, CONTROLS[c])
+            equal = status == 200 and reply["output_ids"] == solo[c]
+            retracted = status == 200 and reply["meta_info"].get("num_retractions", 0) > 0
+            return {"kind": kind, "status": status, "control_equal": equal, "retracted": retracted}
+        body, abort_after, expect_4xx = draw(kind, random.Random(seed * 100_003 + i), i)
+        if abort_after is not None:
+            timer = threading.Timer(
+                abort_after,
+                lambda: requests.post(
+                    base_url + "/abort_request", json={"rid": body["rid"]}, timeout=60
+                ),
+            )
+            timer.start()
+        status, _ = send(base_url, body)
+        if abort_after is not None:
+            timer.join()
+        return {"kind": kind, "status": status, "expected_4xx": expect_4xx}
+
+    def worker() -> None:
+        while time.monotonic() < deadline:
+            with lock:
+                i = next(next_index, None)
+            if i is None:
+                return
+            try:
+                outcome = one(i)
+            except requests.RequestException as exc:  # the server went away
+                outcome = {"kind": plan[i], "status": -1, "error": repr(exc)}
+            with lock:
+                outcomes.append(outcome)
+                if len(outcomes) == min(100, requests_total):
+                    rss["first_100"] = server_rss_mb(pid)
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - start
+    alive = requests.get(base_url + "/health", timeout=60).status_code == 200
+    mem = wait_whole(base_url)
+    rss["last"] = server_rss_mb(pid)
+    statuses = Counter(o["status"] for o in outcomes)
+    controls = [o for o in outcomes if o["kind"] == "control"]
+    return {
+        "requests": len(outcomes),
+        "seconds": round(elapsed, 1),
+        "by_kind": dict(Counter(o["kind"] for o in outcomes)),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "server_errors": sum(v for k, v in statuses.items() if k >= 500 or k < 0),
+        "unexpected_4xx": sum(
+            1 for o in outcomes if 400 <= o["status"] < 500 and not o.get("expected_4xx")
+        ),
+        "bad_accepted": sum(1 for o in outcomes if o.get("expected_4xx") and o["status"] < 400),
+        "alive": alive,
+        "controls": len(controls),
+        "controls_equal": sum(o["control_equal"] for o in controls),
+        "controls_retracted": sum(o.get("retracted", False) for o in controls),
+        "controls_changed_unretracted": sum(
+            1 for o in controls if not o["control_equal"] and not o.get("retracted")
+        ),
+        "pool": {k: mem[k] for k in ("total", "available", "evictable", "protected")},
+        "stashed_requests": mem.get("stashed_requests"),
+        "failures": mem.get("failures"),
+        "compressed_requests": mem.get("compressed_requests"),
+        "retraction_reuses": mem.get("retraction_reuses"),
+        "rss_mb": rss,
+    }
+
+
+def problems(record: dict) -> list[str]:
+    """What a soak record shows wrong (empty when it passed)."""
+    out = []
+    if record["server_errors"]:
+        out.append(f"{record['server_errors']} 5xx or dropped requests")
+    if not record["alive"]:
+        out.append("server not alive")
+    if record["bad_accepted"] or record["unexpected_4xx"]:
+        out.append(
+            f"{record['bad_accepted']} bad accepted, {record['unexpected_4xx']} good refused"
+        )
+    if record["controls_changed_unretracted"]:
+        out.append(f"{record['controls_changed_unretracted']} unretracted control answers changed")
+    pool = record["pool"]
+    if pool["available"] + pool["evictable"] != pool["total"] or pool["protected"]:
+        out.append(f"pool not whole at idle: {pool}")
+    if record["stashed_requests"]:
+        out.append(f"{record['stashed_requests']} requests still stashed")
+    return out
+
+
+def run(model_path: str, tp: int, requests_total: int, minutes: float, seed: int) -> dict:
+    """Start a server (``--tp-size tp``), soak it, stop it; the record."""
+    flags = [*FLAGS, "--tp-size", str(tp)] if tp > 1 else list(FLAGS)
+    with running_server(model_path, flags, env={**os.environ, **RETRACT_ENV}) as server:
+        record = soak(server.base_url, server.process.pid, requests_total, minutes * 60, seed)
+        record["server_exit_code"] = server.process.poll()
+    return {"tp": tp, "flags": flags, **record, "problems": problems(record)}
+
+
+def render(result: dict) -> str:
+    """The soak's Markdown table."""
+    lines = [
+        "| server | requests | seconds | 5xx / dropped | bad inputs refused | controls equal "
+        "to solo (retracted) | pool whole at idle | stashed at idle | RSS MiB (first 100 -> "
+        "last) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        bad = r["by_kind"].get("bad_override", 0) + r["by_kind"].get("bad_image", 0)
+        pool = r["pool"]
+        whole = pool["available"] + pool["evictable"] == pool["total"] and not pool["protected"]
+        lines.append(
+            f"| TP={r['tp']} | {r['requests']} | {r['seconds']} | {r['server_errors']} | "
+            f"{bad - r['bad_accepted']} of {bad} | {r['controls_equal']} of {r['controls']} "
+            f"({r['controls_retracted']}) | "
+            f"{'yes' if whole else 'no'} | {r['stashed_requests']} | "
+            f"{r['rss_mb'].get('first_100')} -> {r['rss_mb'].get('last')} |"
+        )
+    for r in result["runs"]:
+        verdict = "; ".join(r["problems"]) or "passed"
+        lines.append(f"\nTP={r['tp']}: {verdict}. Requests by kind: {r['by_kind']}.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=1000, help="per TP=1 server")
+    parser.add_argument("--tp-requests", type=int, default=300, help="per TP=2 server")
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--minutes", type=float, default=30.0, help="cap per server")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args(argv)
+    info = machine()
+    out = args.out or results_dir(info)
+    if args.report_only:
+        result = json.loads((out / "soak.json").read_text())
+        (out / "soak.md").write_text(render(result) + "\n")
+        return 0
+    from bacon_sglang.models.tiny import ensure_tiny_model
+
+    model = str(ensure_tiny_model())
+    runs = [
+        run(model, tp, args.requests if tp == 1 else args.tp_requests, args.minutes, args.seed)
+        for tp in args.tp
+    ]
+    result = {"machine": info, "seed": args.seed, "runs": runs}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "soak.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "soak.md").write_text(render(result) + "\n")
+    print(render(result))
+    return 1 if any(r["problems"] for r in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
