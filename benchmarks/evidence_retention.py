@@ -1,7 +1,8 @@
 """Sparse-evidence retention of SnapKV and BACON on synthetic window attention, and the CPU cost
 of BACON's score; on CPU (2 cores) about a minute (--quick: seconds).
 
-The synthetic prompts reproduce the paper's motivation (``../shared/BACON.md``)::
+The synthetic prompts reproduce the motivation of the BACON paper ("Last But Not Least",
+EMNLP 2026; the algorithm as this project implements it: ``bacon_sglang/scoring.py``)::
 
     keys:  [sink][system text] [ image: rows x cols patch grid ] [question ... | window w ]
 
