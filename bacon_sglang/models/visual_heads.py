@@ -3,12 +3,13 @@
     python -m bacon_sglang.models.visual_heads MODEL_DIR --task shapes --n 200
 
 SparseMM's recipe (arXiv 2506.05344, its release's ``visual_head/qwen_visual_head.py``): at
-every answer token that is read from one box of the image, each (layer, query head) whose
-top-1 attention lands in that box's image tokens gets ``+1 / |box tokens|``; the per-head mean over those tokens is normalised over all heads and
-summed over each KV head's query group. Here the answers are teacher-forced on the **train**
-split, the box of an evidence token is its grid cell (one image token), and the query is the
-position that predicts it (the last prompt position for the first token of a document-task
-answer). Writes ``visual_heads.json`` (``[layers][Hkv]``, summing to 1) into ``MODEL_DIR``,
+every answer token that is read from one box of the image, each (layer, query head) whose top-1
+attention lands in that box's image tokens gets ``+1 / |box tokens|``; the per-head mean over
+those tokens is normalised over all heads and summed over each KV head's query group. Here the
+answers are teacher-forced on the **train** split, the box of an evidence token is its grid
+cell (one image token), and the query is the position that predicts it (the last prompt
+position for the first token of a document-task answer). Writes ``visual_heads.json``
+(``[layers][Hkv]``, summing to 1) into ``MODEL_DIR``,
 which :class:`bacon_sglang.policies.SparseMM` reads.
 """
 
