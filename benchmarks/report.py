@@ -21,6 +21,7 @@ from pathlib import Path
 import accuracy
 import demo_time
 import evidence_retention
+import gpu_kit
 import paper_table
 import prefix_reuse
 import premise
@@ -362,6 +363,7 @@ def run_tables() -> dict[Path, str]:
         "evidence_retention.json": evidence_retention.render,
         "kernels_cpu.json": kernels.render,
         "kernels_gpu.json": kernels.render,
+        "gpu_kit.json": gpu_kit.render,
     }
     for task in TASKS:
         renderers |= {
