@@ -356,3 +356,56 @@ def test_report_renders_a_committed_gpu_kit_result(tmp_path, monkeypatch):
     (folder / "gpu_kit.json").write_text(json.dumps(fake_report()))
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     assert report.run_tables() == {folder / "gpu_kit.md": gpu_kit.render(fake_report()) + "\n"}
+
+
+def _cuda_imports(path: Path) -> list[tuple[int, str, str]]:
+    """``(line, module, name)`` of each ``from sgl_kernel... import name`` in the file that
+    runs at import on CUDA: at module level, outside ``try``, and unconditional or in the
+    body of an ``if`` whose test names ``cuda``."""
+    import ast
+
+    found = []
+
+    def visit(nodes, on_cuda: bool):
+        for node in nodes:
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sgl_kernel"):
+                if on_cuda:
+                    found.extend((node.lineno, node.module, a.name) for a in node.names)
+            elif isinstance(node, ast.If):
+                test = ast.unparse(node.test)
+                cuda = "cuda" in test and "not " not in test
+                visit(node.body, on_cuda and (cuda or not _names_a_device(test)))
+                visit(node.orelse, on_cuda and not _names_a_device(test))
+
+    visit(ast.parse(path.read_text()).body, True)
+    return found
+
+
+def _names_a_device(test: str) -> bool:
+    return any(d in test for d in ("cuda", "hip", "xpu", "musa", "npu", "cpu", "mps"))
+
+
+def test_standin_offers_every_name_sglangs_cuda_path_imports(sglang_layers):
+    """The SGLang modules a Qwen2-VL server loads (those imported here, on CPU): every
+    ``sgl_kernel`` name their CUDA branch imports at module level exists in the stand-in."""
+    import importlib
+
+    for module in gpu_kit.SERVER_MODULES[:-1]:
+        importlib.import_module(module)
+    missing = []
+    for name, module in sorted(sys.modules.items()):
+        path = getattr(module, "__file__", None) or ""
+        if not name.startswith("sglang.") or not path.endswith(".py"):
+            continue
+        for line, source, imported in _cuda_imports(Path(path)):
+            sub = source.removeprefix("sgl_kernel").lstrip(".")
+            try:
+                target = importlib.import_module(
+                    "bacon_sglang.cpu_shim.cuda_standin" + (f".{sub}" if sub else "")
+                )
+            except ImportError:
+                target = None
+            if not hasattr(target, imported):
+                missing.append(f"{name}:{line} {source}.{imported}")
+    assert missing == []
+    assert len(cuda_standin.__all__) == 13
