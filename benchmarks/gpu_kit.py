@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime
 import hashlib
 import json
@@ -43,6 +44,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -103,6 +105,8 @@ STANDIN_SOURCE = REPO / "bacon_sglang" / "cpu_shim" / "cuda_standin"
 SERVER_ENV = {"SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK": "1", "TRITON_INTERPRET": "0"}
 SERVER_ARGS = ("--attention-backend triton --mm-attention-backend triton_attn "
                "--sampling-backend pytorch")  # fmt: skip
+# Decode graphs captured up to this batch only: each server start captures in seconds.
+SERVING_GRAPH_BS = "32"
 STANDIN_NOTE = (
     "measured with plain-PyTorch stand-ins for sgl_kernel's RMSNorm and SiLU-and-mul (several "
     "unfused kernels each): the forward is slower than real SGLang's, so any share of prefill "
@@ -363,25 +367,52 @@ def error_site(output: str) -> str | None:
     return f"{short}:{line}: {lines[-1] if lines else output.strip().splitlines()[-1]}"
 
 
+RUN_TAG = "BACON_GPU_KIT_RUN"
+
+
+def kill_tagged(tag: str) -> list[int]:
+    """SIGKILL every process whose environment holds ``RUN_TAG=tag``: the servers a step
+    started (in sessions of their own) that a timeout left behind. Returns their pids."""
+    killed = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"{RUN_TAG}={tag}".encode() in environ:
+            with contextlib.suppress(OSError):
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(int(proc.name))
+    return killed
+
+
 def run_step(name: str, argv: list[str], timeout: float, env: dict, cwd: Path = REPO) -> dict:
-    """Run one step's command; its status, seconds, output tail and, on failure, where."""
+    """Run one step's command (tagged in its environment, so that what it leaves running is
+    killed afterwards); its status, seconds, output tail and, on failure, where."""
     start = time.perf_counter()
     if timeout < 30:
         return {"step": name, "ok": False, "status": "skipped: out of time", "seconds": 0.0,
                 "argv": argv}  # fmt: skip
-    try:
-        done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=timeout)  # fmt: skip
-        status, output = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as exc:
-        status = f"timeout after {timeout:.0f} s"
-        output = "".join(
-            o.decode(errors="replace") if isinstance(o, bytes) else (o or "")
-            for o in (exc.stdout, exc.stderr)
-        )
+    tag = f"{os.getpid()}-{name}"
+    # Output to a file, not a pipe: a process the step leaves behind may hold it open.
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(argv, cwd=cwd, env={**env, RUN_TAG: tag}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            status = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            status = f"timeout after {timeout:.0f} s"
+        log.seek(0)
+        output = log.read()
+    left = kill_tagged(tag)
     seconds = time.perf_counter() - start
     step = {"step": name, "ok": status == 0, "status": status, "seconds": round(seconds, 1),
-            "argv": argv, "output_tail": output[-4000:]}  # fmt: skip
+            "argv": argv, "output_tail": output[-4000:], "killed_left_over": left}  # fmt: skip
     if status != 0:
         step["error"] = error_site(output)
     print(f"gpu_kit: {name}: {'ok' if status == 0 else f'FAILED ({status})'} in {seconds:.0f} s",
@@ -397,7 +428,8 @@ STEPS = (("install", 1.0, 240), ("import", 1.0, 120), ("e2e", 0.55, 240),
 def step_commands(python: str, out: Path, layers: int) -> dict[str, list[str]]:
     """The commands of the steps after ``install`` (run from the repository root)."""
     serving = [
-        "--server-args", SERVER_ARGS, "--max-total-tokens", "16384", "--levels", "1", "8",
+        "--server-args", f"{SERVER_ARGS} --cuda-graph-max-bs-decode {SERVING_GRAPH_BS}",
+        "--max-total-tokens", "16384", "--levels", "1", "8",
         "--rounds", "1", "--rates", "8", "--rate-requests", "16", "--prefill-sizes", "448",
         "896", "--prefill-repeats", "1", "--output-tokens", "64",
         "--capacity-output-tokens", "128",
@@ -460,9 +492,13 @@ def run(args: argparse.Namespace) -> dict:
         elif name == "compression-cost" and not lists_compression_cost(python):
             step = {"step": name, "ok": None, "status": "not in gpu_check.py --help"}
         else:
-            step = run_step(name, commands[name], timeout, env)
-        if name == "serving" and step["ok"]:
-            step["result"] = json.loads((out / "gpu_check_serving.json").read_text())
+            argv = commands[name]
+            if "benchmarks/gpu_check.py" in argv:  # its own time box ends first, cleanly
+                argv = [*argv, "--step-timeout", str(max(timeout - 20, 10))]
+            step = run_step(name, argv, timeout, env)
+        if name == "serving" and (out / "serving" / "serving.json").exists():
+            # serving.py writes its JSON before its plots (matplotlib may be missing there)
+            step["serving"] = json.loads((out / "serving" / "serving.json").read_text())
         report["steps"].append(step)
         write(report, out)
     report["seconds"] = round(time.monotonic() - start, 1)
@@ -502,12 +538,10 @@ def write(report: dict, out: Path) -> None:
 
 
 def _serving_rows(step: dict) -> list[str]:
-    """Per policy, from gpu_check's serving result: TTFT (1 client), prefill time of the
+    """Per policy, from ``benchmarks/serving.py``'s JSON: TTFT (1 client), prefill time of the
     longest prompt, decode step (batch 1), KV slots at 8 clients, and requests decoding at
     once in the burst into the fixed pool (with the pool's bound)."""
-    serving = next((s for s in step.get("result", {}).get("steps", []) if s.get("step") ==
-                    "serving"), {})  # fmt: skip
-    data = serving.get("result")
+    data = step.get("serving")
     if not data:
         return []
     cells: dict[str, dict] = {}

@@ -7,8 +7,10 @@ reads the built kit and skips when ``.gpu-kit/`` is absent."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -330,7 +332,7 @@ def fake_report() -> dict:
             {"step": "e2e", "ok": False, "status": 1, "seconds": 99.0,
              "error": "sglang/srt/x.py:3: RuntimeError: no | kernel"},
             {"step": "serving", "ok": True, "status": 0, "seconds": 150.0,
-             "result": {"steps": [{"step": "serving", "result": serving}]}},
+             "serving": serving},
             {"step": "compression-cost", "ok": None, "status": "not in gpu_check.py --help"},
         ],
     }  # fmt: skip
@@ -409,3 +411,24 @@ def test_standin_offers_every_name_sglangs_cuda_path_imports(sglang_layers):
                 missing.append(f"{name}:{line} {source}.{imported}")
     assert missing == []
     assert len(cuda_standin.__all__) == 13
+
+
+def test_a_timed_out_step_is_recorded_and_leaves_nothing_running(tmp_path):
+    """The step starts a child in a session of its own (as SGLang servers are started) and
+    outlives its time box: the step is recorded as timed out and the child is killed."""
+    pid_file = tmp_path / "pid"
+    code = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],"
+        " start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "print('started', flush=True)\ntime.sleep(600)\n"
+    )
+    step = gpu_kit.run_step("slow", [sys.executable, "-c", code], 30, dict(os.environ))
+    assert step["ok"] is False and step["status"] == "timeout after 30 s"
+    assert "started" in step["output_tail"]
+    child = int(pid_file.read_text())
+    assert step["killed_left_over"] == [child]
+    time.sleep(0.5)
+    status = Path(f"/proc/{child}/status")
+    assert not status.exists() or "zombie" in status.read_text()

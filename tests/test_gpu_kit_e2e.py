@@ -32,8 +32,9 @@ pytestmark = [
 ]
 
 # Without sgl_kernel and FlashInfer: vision attention on Triton (sm90's default, fa3, needs
-# sgl_kernel), sampling in PyTorch.
-KIT_ARGS = ("--mm-attention-backend", "triton_attn", "--sampling-backend", "pytorch")
+# sgl_kernel), sampling in PyTorch; decode graphs captured up to batch 8 (a fast start).
+KIT_ARGS = ("--mm-attention-backend", "triton_attn", "--sampling-backend", "pytorch",
+            "--cuda-graph-max-bs-decode", "8")  # fmt: skip
 CASES = {
     "tiny-snapkv-page16-chunked": ("tiny", Config("triton", tuple(SNAPKV_96_PAGED_CHUNKED),
                                                   extra=KIT_ARGS)),
