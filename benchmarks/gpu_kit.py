@@ -156,7 +156,8 @@ def _record_hash(data: bytes) -> str:
 
 def write_wheel(path: Path, files: dict[str, bytes], name: str, version: str) -> Path:
     """Write a pure-Python wheel at ``path`` holding ``files`` (archive path -> bytes) plus
-    its ``.dist-info`` (METADATA, WHEEL, RECORD with every file's hash); returns ``path``."""
+    its ``.dist-info`` (METADATA, WHEEL, RECORD with every file's hash); returns ``path``.
+    The same files give the same bytes."""
     dist_info = f"{name.replace('-', '_')}-{version}.dist-info"
     files = dict(files)
     files[f"{dist_info}/METADATA"] = (
@@ -170,8 +171,8 @@ def write_wheel(path: Path, files: dict[str, bytes], name: str, version: str) ->
     files[f"{dist_info}/RECORD"] = ("\n".join(record + [f"{dist_info}/RECORD,,"]) + "\n").encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        for member, data in files.items():
-            z.writestr(member, data)
+        for member, data in files.items():  # fixed dates: the same files give the same wheel
+            z.writestr(zipfile.ZipInfo(member, (1980, 1, 1, 0, 0, 0)), data, zipfile.ZIP_DEFLATED)
     return path
 
 

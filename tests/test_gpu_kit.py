@@ -258,6 +258,8 @@ def test_standin_names_sglang_imports_exist_and_others_are_absent():
 
 def test_standin_wheel_installs_as_sgl_kernel(tmp_path):
     wheel = gpu_kit.standin_wheel(tmp_path / "wheels")
+    again = gpu_kit.standin_wheel(tmp_path / "again")
+    assert gpu_kit.sha256(again) == gpu_kit.sha256(wheel)  # reproducible: same kit, same hashes
     target = pip_install_target(wheel, tmp_path / "site")
     code = (
         "import sys, torch\nsys.path.insert(0, sys.argv[1])\nimport sgl_kernel\n"
