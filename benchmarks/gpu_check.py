@@ -18,6 +18,10 @@ Steps (``--steps``, all by default):
     python benchmarks/gpu_check.py                      # all steps, report under results/
     python benchmarks/gpu_check.py --steps kernel-tests e2e --out report.json
 
+On a machine without SGLang (torch only, no network), ``bash benchmarks/gpu_kit.sh OUT``
+installs a carried kit first and runs the end-to-end, serving and compression-cost checks
+with SGLang on a plain-PyTorch ``sgl_kernel`` stand-in (``benchmarks/gpu_kit.py --help``).
+
 Without a CUDA device it prints one line and exits with status 2.
 """
 
@@ -27,6 +31,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -51,11 +56,17 @@ QWEN2VL_7B = {
     "mrope_section": (16, 24, 24),
 }
 NO_CUDA = "gpu_check: no CUDA device found; this check needs a GPU, nothing was run"
+KIT_HELP = (
+    "GPU machine without SGLang (torch only, no network): bash benchmarks/gpu_kit.sh OUT "
+    "installs the kit carried in .gpu-kit/ (built here by python benchmarks/gpu_kit.py build) "
+    "and runs the end-to-end, serving and compression-cost checks on a plain-PyTorch "
+    "sgl_kernel stand-in; see python benchmarks/gpu_kit.py --help and benchmarks/README.md."
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=KIT_HELP)
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     parser.add_argument("--out", type=Path, help="report path (default: results/<date>-gpu/)")
     parser.add_argument(
@@ -64,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-dir", type=Path, help="where to build it (default: a cache)")
     parser.add_argument(
         "--step-timeout", type=float, default=3600.0, help="seconds per step before it is killed"
+    )
+    parser.add_argument(
+        "--serving-args",
+        default="",
+        help="more benchmarks/serving.py flags for the serving step, appended (they win), e.g. "
+        "the GPU kit's --server-args and a shorter run",
     )
     args = parser.parse_args(argv)
     if args.layers < 1:
@@ -181,7 +198,8 @@ def serving(args: argparse.Namespace, workdir: Path) -> dict:
     out = workdir / "serving"
     argv = [sys.executable, "benchmarks/serving.py", "--model-path", str(model), "--out", str(out),
             "--levels", "1", "8", "32", "--rounds", "1", "--rates", "8", "--rate-requests", "32",
-            "--prefill-sizes", "448", "896", "--prefill-repeats", "2"]  # fmt: skip
+            "--prefill-sizes", "448", "896", "--prefill-repeats", "2",
+            *shlex.split(args.serving_args)]  # fmt: skip
     step = run_step("serving", argv, args.step_timeout)
     step["model"] = {"path": str(model), "layers": args.layers, **QWEN2VL_7B}
     if step["ok"]:

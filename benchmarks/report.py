@@ -21,6 +21,7 @@ from pathlib import Path
 import accuracy
 import demo_time
 import evidence_retention
+import gpu_kit
 import paper_table
 import prefix_reuse
 import premise
@@ -381,6 +382,7 @@ def run_tables() -> dict[Path, str]:
         "kernels_cpu.json": kernels.render,
         "kernels_gpu.json": kernels.render,
         "soak.json": soak.render,
+        "gpu_kit.json": gpu_kit.render,
     }
     for task in TASKS:
         renderers |= {

@@ -9,6 +9,7 @@ interpreted Triton attention is slow."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import pytest
@@ -79,16 +80,24 @@ BACKEND_CLASSES = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
-def server(request, tiny_model_path, tmp_path_factory):
-    config = CONFIGS[request.param]
-    debug_dir = tmp_path_factory.mktemp("keep")
+@contextlib.contextmanager
+def config_server(config: Config, model_path, debug_dir):
+    """A server of ``model_path`` with ``config``, writing its keep-sets to ``debug_dir``
+    (also used by ``tests/test_gpu_kit_e2e.py``)."""
     args = ["--attention-backend", config.backend, *config.kv_args, *config.extra,
             "--dtype", config.dtype, "--max-total-tokens", "6144",
             "--kv-debug-dir", str(debug_dir)]  # fmt: skip
-    with running_server(tiny_model_path, args) as s:
+    with running_server(model_path, args) as s:
         s.debug_dir = debug_dir
         s.config = config
+        yield s
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def server(request, tiny_model_path, tmp_path_factory):
+    with config_server(
+        CONFIGS[request.param], tiny_model_path, tmp_path_factory.mktemp("keep")
+    ) as s:
         yield s
 
 

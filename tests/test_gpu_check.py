@@ -27,6 +27,21 @@ def test_arguments_default_to_every_step():
     assert args.steps == ["e2e", "serving"] and args.layers == 2 and args.out == Path("r.json")
 
 
+def test_serving_args_are_appended_to_the_serving_command(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(gpu_check, "build_7b_shaped_model", lambda layers, path: tmp_path)
+    monkeypatch.setattr(
+        gpu_check, "run_step", lambda name, argv, timeout: seen.update(argv=argv) or {"ok": False}
+    )
+    args = gpu_check.parse_args(["--serving-args", "--levels 1 8 --server-args '--a b'"])
+    gpu_check.serving(args, tmp_path)
+    assert seen["argv"][-5:] == ["--levels", "1", "8", "--server-args", "--a b"]
+    assert "gpu_kit.sh" in subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu_check.py"), "--help"],
+        capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+
+
 @pytest.mark.parametrize("argv", [["--steps", "bogus"], ["--layers", "0"]])
 def test_bad_arguments_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as info:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from bacon_sglang.cpu_shim import sgl_kernel_ops
+
 __version__ = "0.0.0+bacon-cpu-shim"
 
 # Every ``torch.ops.sgl_kernel.*_cpu`` name SGLang 0.5.23 references, and flash_attn_varlen_func.
@@ -68,31 +70,25 @@ _MODULE_NAMES_NOT_IMPLEMENTED = (
 
 
 def _silu_and_mul_cpu(x: torch.Tensor) -> torch.Tensor:
-    d = x.shape[-1] // 2
-    return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
+    return sgl_kernel_ops.silu_and_mul(x)
 
 
 def _rmsnorm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    var = x.float().pow(2).mean(-1, keepdim=True)
-    return (x.float() * torch.rsqrt(var + eps)).to(x.dtype) * weight
+    return sgl_kernel_ops.rmsnorm(x, weight, eps)
 
 
 _IMPLEMENTED = {
     "silu_and_mul_cpu": _silu_and_mul_cpu,
     "rmsnorm_cpu": _rmsnorm_cpu,
 }
+WHY = (
+    "bacon-sglang's CPU shim stands in for the CUDA-only sgl_kernel package and implements "
+    "only the ops SGLang's native CPU path calls. Run on a GPU machine with the real sgl_kernel."
+)
 
 
 def _not_implemented(name: str):
-    def op(*args, **kwargs):
-        raise NotImplementedError(
-            f"sgl_kernel {name} is not available: bacon-sglang's CPU shim stands in "
-            "for the CUDA-only sgl_kernel package and implements only the ops SGLang's native "
-            "CPU path calls. Run on a GPU machine with the real sgl_kernel."
-        )
-
-    op.__name__ = name
-    return op
+    return sgl_kernel_ops.not_implemented(name, WHY)
 
 
 class _OpNamespace:
