@@ -300,6 +300,33 @@ def pack_keep(keeps: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     return torch.cat(list(keeps), dim=-1), indptr(lens).to(keeps[0].device)
 
 
+def pack_layers(keeps: Sequence[Tensor], widths: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    """Padded keep-sets of groups of requests into :func:`compact`'s packed layout, in a
+    fixed number of operations per group (no loop over requests).
+
+    Args:
+        keeps: per group ``[num_layers, B_g, Hkv, W_g]``, request ``b``'s first
+            ``widths[g][b]`` columns meaningful (as ``selection.select_keep_layers``).
+        widths: per group, per request, its keep-set's width (Python ints).
+
+    Returns:
+        ``keep [num_layers, Hkv, sum_B]`` and ``keep_indptr [R + 1]`` (groups in order).
+    """
+    heads = keeps[0].shape[2]
+    flat, columns, at = [], [[] for _ in range(heads)], 0
+    for keep, group in zip(keeps, widths, strict=True):
+        layers, batch, _, width = keep.shape
+        flat.append(keep.reshape(layers, -1))  # a view of select_keep_layers' result
+        for h, row in enumerate(columns):  # [l, b, h, j] sits at (b * Hkv + h) * W + j
+            row += [at + (b * heads + h) * width + j for b, n in enumerate(group) for j in range(n)]
+        at += batch * heads * width
+    lens = [n for group in widths for n in group]
+    packed = torch.cat(flat, dim=-1) if len(flat) > 1 else flat[0]
+    meta = to_device([*host_offsets(lens), *itertools.chain(*columns)], keeps[0].device)
+    keep_indptr, columns_d = meta.split([len(lens) + 1, heads * sum(lens)])
+    return packed[:, columns_d.view(heads, -1)], keep_indptr
+
+
 def check_keep(index: KVIndex, prefix_lens: Tensor, keep: Tensor, keep_indptr: Tensor) -> None:
     """Raise ``ValueError`` unless every request's keep sets are strictly increasing along the
     token axis and inside ``[prefix_len, seq_len)``: the precondition of :func:`compact`."""

@@ -159,7 +159,7 @@ def select_keep_layers(
     j = torch.arange(out_width, device=device)
     keep = torch.where(j < k + w, t + j - k, KEEP_PAD)  # the window after the k candidates
     if width == 0:
-        return keep.expand(layers, batch, heads, out_width)
+        return keep.expand(layers, batch, heads, out_width).contiguous()
     cols = torch.arange(widest, device=device)
     rows = (row0[:, 0] + cols).clamp(max=scores.shape[1] - 1)  # [B, widest]
     padded = scores[:, rows].float().transpose(2, 3)  # [layers, B, Hkv, widest]

@@ -112,8 +112,10 @@ def _value_kernel(
         first = tl.maximum(layer - HISTORY, 0)
         if layer > 0:
             acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
-            for earlier in range(first, layer):
-                acc += tl.load(evidence + earlier.to(tl.int64) * stride_tl + out, ok, other=0.0)
+            earlier = evidence + first.to(tl.int64) * stride_tl
+            for _ in range(first, layer):
+                acc += tl.load(earlier + out, mask=ok, other=0.0)
+                earlier += stride_tl
             value += acc / (layer - first).to(tl.float32)
     tl.store(value_out + layer.to(tl.int64) * stride_tl + out, value, mask=ok)
 
@@ -224,6 +226,56 @@ def calibrate_layers(
     return _calibrate(window_scores, q_indptr, budget, first_candidate, None, history, **options)
 
 
+def pool_layers(
+    window_scores: WindowScores,
+    q_indptr: Tensor,
+    *,
+    pool_kernel: int = scoring.POOL_KERNEL,
+    block_t: int | None = None,
+) -> Tensor:
+    """SnapKV's score ``B = avgpool(mean)`` (step 1) of every layer at once, one launch.
+
+    Args:
+        window_scores: ``[layers, sum_n, Hkv]`` (:func:`~.window_scores.layer_window_scores`).
+        q_indptr: ``[B + 1]`` window rows per request, on the CPU.
+
+    Returns:
+        ``[layers, sum_T, Hkv]`` float32, request ``b``'s candidates ``[0, T_b)`` packed.
+    """
+    mean = window_scores.mean
+    lens = candidate_lengths(window_scores, q_indptr)
+    base = torch.empty(mean.shape[0], sum(lens), mean.shape[2], device=mean.device)
+    if base.numel():
+        offsets = to_device(host_offsets(lens), mean.device)
+        _launch_evidence(window_scores, offsets, lens, base, torch.empty_like(base), pool_kernel,
+                         block_t)  # fmt: skip
+    return base
+
+
+def _launch_evidence(
+    window_scores: WindowScores,
+    offsets: Tensor,
+    lens: Sequence[int],
+    base: Tensor,
+    evidence: Tensor,
+    pool_kernel: int,
+    block_t: int | None,
+) -> dict:
+    """Steps 1-3 into ``base`` and ``evidence`` ``[layers, sum_T, Hkv]``; returns the grid and
+    tiles, for the value kernel."""
+    mean, dev = window_scores.mean, window_scores.mean.device
+    layers, _, heads = mean.shape
+    if block_t is None:
+        block_t = 128 if dev.type == "cuda" else min(1024, triton.next_power_of_2(max(lens)))
+    grid = (layers * len(lens), triton.cdiv(max(lens), block_t))
+    tiles = dict(NUM_HEADS=heads, BLOCK_T=block_t, BLOCK_H=triton.next_power_of_2(heads))
+    _evidence_kernel[grid](
+        mean, window_scores.last, window_scores.indptr.to(dev), offsets, base, evidence,
+        mean.stride(0), base.stride(0), len(lens), POOL=pool_kernel, **tiles,
+    )  # fmt: skip
+    return dict(grid=grid, tiles=tiles)
+
+
 def _calibrate(
     window_scores: WindowScores,
     q_indptr: Tensor,
@@ -244,9 +296,8 @@ def _calibrate(
     for kernel in (pool_kernel, coherence_kernel):
         if kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"pool kernel must be odd and positive, got {kernel}")
-    mean, last = window_scores.mean, window_scores.last
-    layers, _, heads = mean.shape
-    dev = mean.device
+    layers, _, heads = window_scores.mean.shape
+    dev = window_scores.mean.device
     lens = candidate_lengths(window_scores, q_indptr)  # T_b, on the host
     batch, total = len(lens), sum(lens)
     budgets = per_request(budget, batch)
@@ -263,18 +314,12 @@ def _calibrate(
 
     base, evidence, value = (torch.empty(layers, total, heads, device=dev) for _ in range(3))
     if total:
-        if block_t is None:
-            block_t = 128 if dev.type == "cuda" else min(1024, triton.next_power_of_2(max(lens)))
-        grid = (layers * batch, triton.cdiv(max(lens), block_t))
-        tiles = dict(NUM_HEADS=heads, BLOCK_T=block_t, BLOCK_H=triton.next_power_of_2(heads))
-        _evidence_kernel[grid](
-            mean, last, window_scores.indptr.to(dev), offsets, base, evidence, mean.stride(0),
-            base.stride(0), batch, POOL=pool_kernel, **tiles,
-        )  # fmt: skip
-        _value_kernel[grid](
+        launch = _launch_evidence(window_scores, offsets, lens, base, evidence, pool_kernel,
+                                  block_t)  # fmt: skip
+        _value_kernel[launch["grid"]](
             evidence, evidence if trace is None else trace, offsets, value, base.stride(0),
             batch, COHERENCE=coherence_kernel, HAS_TRACE=trace is not None, HISTORY=history,
-            **tiles,
+            **launch["tiles"],
         )  # fmt: skip
     lam, rho = _top_region_stats(
         base, value, first_d, spans_d, k2_d, max(k2, default=0), max(spans, default=0),

@@ -58,6 +58,7 @@ class Runtime:
     num_kv_heads: int
     policies: dict[tuple[str, int], Policy] = field(default_factory=dict)
     plan: list[PlanEntry] | None = None
+    forward: object | None = None  # the planned forward's window buffer (patches/attention.py)
     windows: dict[str, WindowQueries] = field(default_factory=dict)  # rid -> stash
     compressed_requests: int = 0
     evicted_tokens: int = 0
@@ -357,7 +358,7 @@ def around_run_batch(original, scheduler, batch, *args, **kwargs):
                 radix_cache.free_copy(runtime.tree_cache, entry.compression.copy_slots)
         raise
     finally:
-        runtime.plan = None
+        runtime.plan = runtime.forward = None
     apply_plan(runtime, batch, entries)
     parallel.assert_tp_ranks_agree(scheduler, [e.req for e in entries if e.compression])
     return result
