@@ -27,6 +27,7 @@ untouched, for the radix tree (``patches/radix_cache.py`` draws the picture).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -84,16 +85,12 @@ class ForwardWindows:
     """
 
     def __init__(self, plan: Sequence, num_layers: int, q: Tensor) -> None:
-        finishing = sorted(
-            (e for e in plan if e.compression is not None),
-            key=lambda e: (e.compression.config.policy, e.compression.config.pool_kernel),
-        )
-        self.finishing = finishing
+        self.finishing = sorted((e for e in plan if e.compression is not None), key=_group)
         self.middle = [e for e in plan if e.compression is None]
-        self.rows = [min(e.window.window, e.q_len) for e in finishing + self.middle]
+        self.rows = [min(e.window.window, e.q_len) for e in self.finishing + self.middle]
         src = [
             row
-            for e, r in zip(finishing + self.middle, self.rows, strict=True)
+            for e, r in zip(self.finishing + self.middle, self.rows, strict=True)
             for row in range(e.q_start + e.q_len - r, e.q_start + e.q_len)
         ]
         self.src = to_device(src, q.device)
@@ -109,28 +106,26 @@ class ForwardWindows:
         requests, their window queries ``[layers, sum_w, Hq, d]`` and ``w_b`` per request
         (earlier chunks' rows prepended where this forward brought fewer than ``w``)."""
         bounds = host_offsets(self.rows)
-        done = len(self.finishing)
-        for i, e in enumerate(self.middle, start=done):
-            e.window.extend(self.buffer[:, bounds[i] : bounds[i + 1]])
-        groups: dict[tuple, list[int]] = {}
-        for i, e in enumerate(self.finishing):
-            groups.setdefault((e.compression.config.policy, e.compression.config.pool_kernel),
-                              []).append(i)  # fmt: skip
-        out = []
-        for members in groups.values():
-            first, last = members[0], members[-1]
-            q = self.buffer[:, bounds[first] : bounds[last + 1]]
-            entries = [self.finishing[i] for i in members]
+        mine = [self.buffer[:, a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+        for e, q in zip(self.middle, mine[len(self.finishing) :], strict=True):
+            e.window.extend(q)
+        out, at = [], 0
+        for _, group in itertools.groupby(self.finishing, key=_group):
+            entries = list(group)
+            rows = self.rows[at : at + len(entries)]
+            q = self.buffer[:, bounds[at] : bounds[at + len(entries)]]  # consecutive rows
             if any(e.window.rows is not None and r < e.window.window
-                   for e, r in ((self.finishing[i], self.rows[i]) for i in members)):  # fmt: skip
-                parts = [e.window.before(self.buffer[:, bounds[i] : bounds[i + 1]])
-                         for e, i in zip(entries, members, strict=True)]  # fmt: skip
-                q = torch.cat(parts, dim=1)
-                widths = [p.shape[1] for p in parts]
-            else:
-                widths = [self.rows[i] for i in members]
-            out.append(([e.compression for e in entries], q, widths))
+                   for e, r in zip(entries, rows, strict=True)):  # fmt: skip
+                parts = [e.window.before(m) for e, m in zip(entries, mine[at:], strict=False)]
+                q, rows = torch.cat(parts, dim=1), [p.shape[1] for p in parts]
+            out.append(([e.compression for e in entries], q, rows))
+            at += len(entries)
         return out
+
+
+def _group(entry) -> tuple[str, int]:
+    """Finishing requests that share a policy and pool kernel are scored together."""
+    return entry.compression.config.policy, entry.compression.config.pool_kernel
 
 
 @dataclass
@@ -173,13 +168,13 @@ class RequestCompression:
     def evicted(self) -> int:
         return self.prompt_len - self.new_len
 
-    def destination(self) -> Tensor:
-        """``[P + kept]`` slot of each kept position after compaction: the row itself, or
-        with a copy, the row's prefix followed by the copy's slots."""
+    def destination(self) -> tuple[Tensor, ...]:
+        """Slot of each of the ``P + kept`` positions after compaction, as views to join
+        (:meth:`bacon_sglang.paged.KVIndex.from_rows`): the row itself, or with a copy, the
+        row's prefix followed by the copy's slots."""
         if self.copy_slots is None:
-            return self.slots[: self.new_len]
-        copy = self.copy_slots[: self.kept].to(self.slots.dtype)
-        return torch.cat([self.slots[: self.prefix_len], copy])
+            return (self.slots[: self.new_len],)
+        return self.slots[: self.prefix_len], self.copy_slots[: self.kept]
 
     def record(self, layer_id: int, keep: Tensor, evidence: Tensor | None = None) -> None:
         """Store layer ``layer_id``'s keep-set ``[Hkv, kept]`` (sorted positions in

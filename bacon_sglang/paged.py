@@ -83,13 +83,16 @@ class KVIndex(NamedTuple):
         return cls(kv_indices, kv_indptr[:-1].long(), seq_lens.long(), page_size)
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Tensor]) -> KVIndex:
-        """Slot-id rows, one 1-D tensor per request (e.g. snapshots of ``req_to_token`` rows),
-        each as long as its request; they are concatenated. The lengths are known on the
-        host (``host_lens``), so the launchers read no length back from the GPU."""
-        host_lens = tuple(len(r) for r in rows)
-        lens = to_device(host_lens, rows[0].device)
-        return cls(torch.cat(list(rows)), indptr(lens)[:-1], lens, 1, host_lens)
+    def from_rows(cls, rows: Sequence[Tensor | Sequence[Tensor]]) -> KVIndex:
+        """Slot-id rows, one per request (e.g. snapshots of ``req_to_token`` rows), each as
+        long as its request: a 1-D tensor, or 1-D pieces that make it up end to end. All are
+        concatenated in one operation, whatever the batch. The lengths are known on the host
+        (``host_lens``), so the launchers read no length back from the GPU."""
+        rows = [(r,) if isinstance(r, Tensor) else tuple(r) for r in rows]
+        host_lens = tuple(sum(len(p) for p in r) for r in rows)
+        lens = to_device(host_lens, rows[0][0].device)
+        table = torch.cat([p for r in rows for p in r])  # int32 and int64 pieces: int64
+        return cls(table, indptr(lens)[:-1], lens, 1, host_lens)
 
     def slots(self, b: int) -> Tensor:
         """``[n_b]`` int64 slot ids of request ``b``'s tokens, in token order."""

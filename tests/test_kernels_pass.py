@@ -180,3 +180,84 @@ def test_pass_launches_do_not_grow_with_depth_or_batch(
     assert sum(aten.values()) > 20  # the recorder saw the pass's operations
     print(f"{policy}: {sum(triton_launches.values())} Triton launches, "
           f"{sum(aten.values())} ATen operations per prefill batch")  # fmt: skip
+
+
+def _hook_setup(gen, layers, device):
+    """A fake scheduler runtime with two finishing requests (one with a shared prefix) and one
+    middle chunk, their K/V in a pool, and the per-request references' keep-sets."""
+    from types import SimpleNamespace
+
+    heads, kv_heads, dim = 4, 2, 16
+    lens, new = [120, 130, 200], [120, 90, 60]  # request 1 matched 40 tokens in the cache
+    slots, keys = make_pool(gen, 1, kv_heads, dim, lens, layers)
+    values = [torch.randn_like(k) for k in keys]
+    qs = [torch.randn(sum(new), heads * dim, generator=gen) for _ in range(layers)]
+    plan, references, start = [], [], 0
+    for b, (n, q_len) in enumerate(zip(lens, new, strict=True)):
+        config = CompressionConfig(policy="bacon", budget=48, window=16)
+        if b == 2:  # a middle chunk: its prompt goes on
+            plan.append(_Plan(start, q_len, WindowQueries(16), None))
+            continue
+        prefix = n - q_len
+        row = slots[b].to(device)
+        pair = [plan_request(config, make_policy("bacon"), n, prefix, row, layers, kv_heads)
+                for _ in range(2)]  # fmt: skip
+        for layer in range(layers):
+            window = qs[layer][start + q_len - 16 : start + q_len].view(16, heads, dim)
+            pair[1].score_layer(layer, window, keys[layer][slots[b]], 0.25)
+        plan.append(_Plan(start, q_len, WindowQueries(16), pair[0]))
+        references.append(pair[1])
+        start += q_len
+    # request 0 is compressed into a copy (fresh int64 slots past the prompts'), 1 in place
+    plan[0].compression.copy_slots = torch.arange(64, device=device) + len(keys[0])
+    pad = torch.zeros(64, kv_heads, dim)
+    pool = SimpleNamespace(k_buffer=[torch.cat([k, pad]).to(device) for k in keys],
+                           v_buffer=[torch.cat([v, pad]).to(device) for v in values])  # fmt: skip
+    runtime = SimpleNamespace(plan=plan, forward=None, num_layers=layers, kv_pool=pool)
+    return runtime, [q.to(device) for q in qs], references, (heads, dim), keys
+
+
+def _forward(runtime, qs, heads, dim):
+    """The hook as SGLang calls it, once per layer of an extend forward."""
+    from types import SimpleNamespace
+
+    from bacon_sglang.patches import attention
+
+    batch = SimpleNamespace(forward_mode=SimpleNamespace(name="EXTEND"))
+    for layer_id, q in enumerate(qs):
+        layer = SimpleNamespace(layer_id=layer_id, tp_q_head_num=heads, qk_head_dim=dim,
+                                scaling=0.25)  # fmt: skip
+        attention.after_attention_forward("out", None, q, None, None, layer, batch)
+        assert runtime.forward is None or layer_id < len(qs) - 1
+
+
+def test_attention_hook_runs_one_pass_and_drops_its_buffer(kernel_device, one_thread, monkeypatch):
+    """``patches/attention.py`` on a fake runtime: per layer only the buffer copy, after the
+    last layer the keep-sets of the per-request references, K/V compacted in place, the
+    middle chunk's rows stashed, and the forward's buffer dropped, also when the pass fails."""
+    from bacon_sglang.patches import scheduler as scheduler_patch
+
+    gen = torch.Generator().manual_seed(3)
+    runtime, qs, references, (heads, dim), keys = _hook_setup(gen, 5, kernel_device)
+    monkeypatch.setattr(scheduler_patch, "RUNTIME", runtime)
+    _forward(runtime, qs, heads, dim)
+    for entry, reference in zip(runtime.plan, references, strict=False):
+        c = entry.compression
+        torch.testing.assert_close(c.keep.cpu(), reference.keep, rtol=0, atol=0)
+        moved = runtime.kv_pool.k_buffer[4][torch.cat(c.destination())[c.prefix_len :]].cpu()
+        want = keys[4][c.slots.cpu()[reference.keep[4]].T, torch.arange(2)[None, :]]
+        torch.testing.assert_close(moved, want, rtol=0, atol=0)  # [kept, Hkv]
+    stash = runtime.plan[2].window.rows
+    torch.testing.assert_close(stash[:, :, 0, :].cpu(), torch.stack(
+        [q[-16:, :dim].cpu() for q in qs]), rtol=0, atol=0)  # fmt: skip
+
+    runtime, qs, *_ = _hook_setup(gen, 5, kernel_device)
+    monkeypatch.setattr(scheduler_patch, "RUNTIME", runtime)
+
+    def fail(policy, batch):
+        raise RuntimeError("pass failed")
+
+    monkeypatch.setattr(served, "keep_sets", fail)
+    with pytest.raises(RuntimeError, match="pass failed"):
+        _forward(runtime, qs, heads, dim)
+    assert runtime.forward is None
