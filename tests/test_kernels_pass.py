@@ -21,7 +21,7 @@ from bacon_sglang import kernels
 from bacon_sglang.compression import ForwardWindows, WindowQueries, plan_request
 from bacon_sglang.config import POLICY_NAMES, CompressionConfig
 from bacon_sglang.kernels import served
-from bacon_sglang.paged import KVIndex, pack_layers
+from bacon_sglang.paged import KVIndex, pack_layers, to_device
 from bacon_sglang.policies import make_policy
 
 LAYERS = 6  # two more than BACON's 4-layer history
@@ -128,7 +128,7 @@ def _pass(layers: int, batch: int, device: str, policy: str):
     n, w, kept = 40, 8, 16
     slots, keys = make_pool(gen, 1, 2, 16, [n] * batch, layers)
     values = [torch.randn_like(k) for k in keys]
-    copy = torch.arange(batch * kept) + len(keys[0])  # fresh slots past the prompts'
+    copy = (torch.arange(batch * kept) + len(keys[0])).to(device)  # fresh slots after the pool's
     keys = [torch.cat([k, torch.zeros(batch * kept, 2, 16)]).to(device) for k in keys]
     values = [torch.cat([v, torch.zeros(batch * kept, 2, 16)]).to(device) for v in values]
     rows = [r.to(device) for r in slots]
@@ -138,9 +138,9 @@ def _pass(layers: int, batch: int, device: str, policy: str):
         prefill = served.PrefillBatch(q, [w] * batch, keys, KVIndex.from_rows(rows),
                                       [kept - w] * batch, [0] * batch)  # fmt: skip
         keep, keep_indptr = pack_layers([served.keep_sets(policy, prefill)], [[kept] * batch])
-        dst = KVIndex.from_rows([c.to(device) for c in copy.split(kept)])
-        kernels.compact(keys, values, prefill.index, torch.zeros(batch, dtype=torch.long),
-                        keep, keep_indptr, dst)  # fmt: skip
+        dst = KVIndex.from_rows(copy.split(kept))
+        kernels.compact(keys, values, prefill.index, to_device([0] * batch, device), keep,
+                        keep_indptr, dst)  # fmt: skip
 
     return run
 
@@ -183,8 +183,9 @@ def test_pass_launches_do_not_grow_with_depth_or_batch(
 
 
 def _hook_setup(gen, layers, device):
-    """A fake scheduler runtime with two finishing requests (one with a shared prefix) and one
-    middle chunk, their K/V in a pool, and the per-request references' keep-sets."""
+    """A fake scheduler runtime with two finishing requests (SnapKV into a copy, BACON in place
+    with a shared prefix) and one middle chunk, their K/V in a pool, and the per-request
+    references' keep-sets."""
     from types import SimpleNamespace
 
     heads, kv_heads, dim = 4, 2, 16
@@ -193,15 +194,16 @@ def _hook_setup(gen, layers, device):
     values = [torch.randn_like(k) for k in keys]
     qs = [torch.randn(sum(new), heads * dim, generator=gen) for _ in range(layers)]
     plan, references, start = [], [], 0
+    policies = ["snapkv", "bacon", None]  # two policy groups, scored in the other order
     for b, (n, q_len) in enumerate(zip(lens, new, strict=True)):
-        config = CompressionConfig(policy="bacon", budget=48, window=16)
+        config = CompressionConfig(policy=policies[b] or "bacon", budget=48, window=16)
         if b == 2:  # a middle chunk: its prompt goes on
             plan.append(_Plan(start, q_len, WindowQueries(16), None))
             continue
         prefix = n - q_len
         row = slots[b].to(device)
-        pair = [plan_request(config, make_policy("bacon"), n, prefix, row, layers, kv_heads)
-                for _ in range(2)]  # fmt: skip
+        pair = [plan_request(config, make_policy(config.policy), n, prefix, row, layers,
+                             kv_heads) for _ in range(2)]  # fmt: skip
         for layer in range(layers):
             window = qs[layer][start + q_len - 16 : start + q_len].view(16, heads, dim)
             pair[1].score_layer(layer, window, keys[layer][slots[b]], 0.25)
