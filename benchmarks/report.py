@@ -406,7 +406,7 @@ def results_readme() -> str:
         paper_table_section(),
         evidence_section(RESULTS / "evidence_retention.json"),
         kernels_section(sorted(RESULTS.glob("kernels_*.json"))),
-        compression_cost_section(sorted(RESULTS.glob("compression_cost_*.json"))),
+        compression_cost_section(sorted(RESULTS.glob("**/compression_cost_*.json"))),
         demo_section(serving.latest_result("demo_time.json")),
     ]
     head = (

@@ -14,11 +14,11 @@ import compression_cost  # noqa: E402
 
 def test_compression_cost_smoke_run(tmp_path, one_thread, kernel_device):
     path = tmp_path / "cost.json"
-    compression_cost.main(["--device", kernel_device, "--shape", "tiny", "--layers", "2", "6",
-                           "--n", "80", "--batch", "1", "3", "--repeats", "1",
+    compression_cost.main(["--device", kernel_device, "--shape", "tiny", "--layers", "1", "5",
+                           "--n", "80", "--batch", "1", "2", "--repeats", "1",
                            "--json", str(path)])  # fmt: skip
     report = json.loads(path.read_text())
-    assert report["shape"]["layers"] == [2, 6]
+    assert report["shape"]["layers"] == [1, 5]
     assert path.with_suffix(".md").read_text() == compression_cost.render(report) + "\n"
     rows = report["rows"]
     assert len(rows) == 2 * 2 * 2 * 2  # layers x batch x path x policy
