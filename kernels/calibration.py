@@ -1,4 +1,4 @@
-"""BACON's calibration (steps 1-9 of ``../shared/BACON.md``) for a batch, on packed scores.
+"""BACON's calibration (the paper's steps 1-9) for a batch, on packed scores.
 
 Reference: :func:`bacon_sglang.paged.calibrate` (per request the functions of
 :mod:`bacon_sglang.scoring`). Same arguments, same :class:`~bacon_sglang.paged.Calibrated`.
