@@ -2,11 +2,12 @@
 
 The data path, one step per function::
 
-    prefill layer l ──> window queries of the last w prompt tokens  (WindowQueries)
-                   ──> window scores from K in the pool, calibration, keep-set [Hkv, kept],
-                       batched over the finishing requests           (kernels.keep_sets)
-                   ──> recorded per request                          (RequestCompression.record)
-    after layer L-1 ──> compaction of every layer, in place          (kernels.compact)
+    prefill layer l ──> window queries of the last w prompt tokens,
+                       copied into the forward's buffer              (ForwardWindows.add)
+    after layer L-1 ──> window scores of every layer from K in the pool, calibration,
+                       keep-sets [layers, Hkv, kept], all finishing requests at once
+                                                                     (kernels.served)
+                   ──> compaction of every layer, in place or a copy (kernels.compact)
     scheduler       ──> slots [ceil(P + kept), L) freed, KV length P + kept
 
 The ranges of one request's ``req_to_token`` row (positions, not slots)::
@@ -26,35 +27,105 @@ untouched, for the radix tree (``patches/radix_cache.py`` draws the picture).
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from bacon_sglang.config import CompressionConfig
+from bacon_sglang.paged import host_offsets, to_device
 from bacon_sglang.policies import Policy, RequestState
 from bacon_sglang.scoring import HISTORY, window_attention
 
 
 @dataclass
 class WindowQueries:
-    """The rotated queries of a request's last ``w`` prompt tokens, per layer.
+    """The rotated queries of a request's last ``w`` prompt tokens, every layer: the stash of
+    a request whose prompt continues in a later chunk.
 
     A chunked prefill may end with a chunk shorter than ``w``; the rows of earlier chunks are
     kept here (the newest ``w`` per layer) so the last chunk sees the whole window."""
 
     window: int
-    rows: dict[int, Tensor] = field(default_factory=dict)  # layer -> [<= w, Hq, d]
+    rows: Tensor | None = None  # [layers, <= w, Hq, d]
 
-    def add(self, layer_id: int, q: Tensor) -> Tensor:
-        """Append this forward's query rows ``[n, Hq, d]`` of the request for ``layer_id``;
-        returns the newest ``<= w`` rows."""
-        q = q[-self.window :]
-        previous = self.rows.get(layer_id)
-        if previous is not None and q.shape[0] < self.window:
-            q = torch.cat([previous, q])[-self.window :]
-        self.rows[layer_id] = q.detach().clone()
-        return self.rows[layer_id]
+    def extend(self, q: Tensor) -> None:
+        """Append one forward's newest rows ``[layers, r, Hq, d]`` (a copy is kept)."""
+        if self.rows is not None and q.shape[1] < self.window:
+            q = torch.cat([self.rows, q], dim=1)
+        self.rows = q[:, -self.window :].clone()
+
+    def before(self, q: Tensor) -> Tensor:
+        """The request's newest ``<= w`` rows ``[layers, <= w, Hq, d]`` when this forward
+        brings ``q`` ``[layers, r, Hq, d]``: the stash's last ``w - r`` rows, then ``q``."""
+        need = self.window - q.shape[1]
+        if self.rows is None or need <= 0:
+            return q[:, -self.window :]
+        return torch.cat([self.rows[:, -need:], q], dim=1)
+
+
+class ForwardWindows:
+    """The window queries of one prefill forward's planned requests, every layer, in one
+    buffer allocated once per forward: per layer one copy (:meth:`add`), no per-request work.
+
+    Rows of the buffer ``[layers, rows, Hq, d]``: each planned request's newest
+    ``min(w, q_len)`` query rows of this forward; the finishing requests first, grouped by
+    policy and pool kernel (each group's rows consecutive), then the middle chunks'. ``rows``
+    is at most the sum of the batch's windows, whatever the prompt lengths (Qwen2-VL-7B, 8
+    requests, window 32, bf16: 28 x 256 x 28 x 128 x 2 B = 51 MB).
+
+    Args:
+        plan: the forward's entries (``q_start``, ``q_len``, ``window``: a
+            :class:`WindowQueries`, ``compression``: a :class:`RequestCompression` or None
+            for a middle chunk), as ``patches/scheduler.py``'s ``PlanEntry``.
+        num_layers: the model's layers.
+        q: this forward's first layer's queries ``[tokens, Hq, d]`` (shape, dtype, device).
+    """
+
+    def __init__(self, plan: Sequence, num_layers: int, q: Tensor) -> None:
+        self.finishing = sorted((e for e in plan if e.compression is not None), key=_group)
+        self.middle = [e for e in plan if e.compression is None]
+        self.rows = [min(e.window.window, e.q_len) for e in self.finishing + self.middle]
+        src = [
+            row
+            for e, r in zip(self.finishing + self.middle, self.rows, strict=True)
+            for row in range(e.q_start + e.q_len - r, e.q_start + e.q_len)
+        ]
+        self.src = to_device(src, q.device)
+        self.buffer = q.new_empty(num_layers, len(src), *q.shape[1:])
+
+    def add(self, layer_id: int, q: Tensor) -> None:
+        """Copy layer ``layer_id``'s window rows out of its queries ``q`` ``[tokens, Hq, d]``."""
+        torch.index_select(q, 0, self.src, out=self.buffer[layer_id])
+
+    def finish(self) -> list[tuple[list[RequestCompression], Tensor, list[int]]]:
+        """After the last layer: stash the middle chunks' rows in their :class:`WindowQueries`
+        and return, per group of finishing requests sharing a policy and pool kernel, its
+        requests, their window queries ``[layers, sum_w, Hq, d]`` and ``w_b`` per request
+        (earlier chunks' rows prepended where this forward brought fewer than ``w``)."""
+        bounds = host_offsets(self.rows)
+        mine = [self.buffer[:, a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+        for e, q in zip(self.middle, mine[len(self.finishing) :], strict=True):
+            e.window.extend(q)
+        out, at = [], 0
+        for _, group in itertools.groupby(self.finishing, key=_group):
+            entries = list(group)
+            rows = self.rows[at : at + len(entries)]
+            q = self.buffer[:, bounds[at] : bounds[at + len(entries)]]  # consecutive rows
+            if any(e.window.rows is not None and r < e.window.window
+                   for e, r in zip(entries, rows, strict=True)):  # fmt: skip
+                parts = [e.window.before(m) for e, m in zip(entries, mine[at:], strict=False)]
+                q, rows = torch.cat(parts, dim=1), [p.shape[1] for p in parts]
+            out.append(([e.compression for e in entries], q, rows))
+            at += len(entries)
+        return out
+
+
+def _group(entry) -> tuple[str, int]:
+    """Finishing requests that share a policy and pool kernel are scored together."""
+    return entry.compression.config.policy, entry.compression.config.pool_kernel
 
 
 @dataclass
@@ -97,13 +168,13 @@ class RequestCompression:
     def evicted(self) -> int:
         return self.prompt_len - self.new_len
 
-    def destination(self) -> Tensor:
-        """``[P + kept]`` slot of each kept position after compaction: the row itself, or
-        with a copy, the row's prefix followed by the copy's slots."""
+    def destination(self) -> tuple[Tensor, ...]:
+        """Slot of each of the ``P + kept`` positions after compaction, as views to join
+        (:meth:`bacon_sglang.paged.KVIndex.from_rows`): the row itself, or with a copy, the
+        row's prefix followed by the copy's slots."""
         if self.copy_slots is None:
-            return self.slots[: self.new_len]
-        copy = self.copy_slots[: self.kept].to(self.slots.dtype)
-        return torch.cat([self.slots[: self.prefix_len], copy])
+            return (self.slots[: self.new_len],)
+        return self.slots[: self.prefix_len], self.copy_slots[: self.kept]
 
     def record(self, layer_id: int, keep: Tensor, evidence: Tensor | None = None) -> None:
         """Store layer ``layer_id``'s keep-set ``[Hkv, kept]`` (sorted positions in
@@ -123,8 +194,8 @@ class RequestCompression:
         self, layer_id: int, q_window: Tensor, keys: Tensor, scale: float | None
     ) -> Tensor:
         """Compute and record layer ``layer_id``'s keep-set through the policy object, one
-        request at a time: the reference of the batched path the server runs
-        (``bacon_sglang.kernels.keep_sets``, called by ``patches/attention.py``).
+        request at a time: the reference of the pass the server runs over every layer and
+        request at once (``bacon_sglang.kernels.served``, called by ``patches/attention.py``).
 
         Args:
             q_window: ``[w, Hq, d]`` rotated queries of the last ``w`` prompt tokens.

@@ -83,13 +83,16 @@ class KVIndex(NamedTuple):
         return cls(kv_indices, kv_indptr[:-1].long(), seq_lens.long(), page_size)
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Tensor]) -> KVIndex:
-        """Slot-id rows, one 1-D tensor per request (e.g. snapshots of ``req_to_token`` rows),
-        each as long as its request; they are concatenated. The lengths are known on the
-        host (``host_lens``), so the launchers read no length back from the GPU."""
-        host_lens = tuple(len(r) for r in rows)
-        lens = to_device(host_lens, rows[0].device)
-        return cls(torch.cat(list(rows)), indptr(lens)[:-1], lens, 1, host_lens)
+    def from_rows(cls, rows: Sequence[Tensor | Sequence[Tensor]]) -> KVIndex:
+        """Slot-id rows, one per request (e.g. snapshots of ``req_to_token`` rows), each as
+        long as its request: a 1-D tensor, or 1-D pieces that make it up end to end. All are
+        concatenated in one operation, whatever the batch. The lengths are known on the host
+        (``host_lens``), so the launchers read no length back from the GPU."""
+        rows = [(r,) if isinstance(r, Tensor) else tuple(r) for r in rows]
+        host_lens = tuple(sum(len(p) for p in r) for r in rows)
+        lens = to_device(host_lens, rows[0][0].device)
+        table = torch.cat([p for r in rows for p in r])  # int32 and int64 pieces: int64
+        return cls(table, indptr(lens)[:-1], lens, 1, host_lens)
 
     def slots(self, b: int) -> Tensor:
         """``[n_b]`` int64 slot ids of request ``b``'s tokens, in token order."""
@@ -298,6 +301,33 @@ def pack_keep(keeps: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     and ``keep_indptr [R + 1]``."""
     lens = torch.tensor([k.shape[-1] for k in keeps], dtype=torch.long)
     return torch.cat(list(keeps), dim=-1), indptr(lens).to(keeps[0].device)
+
+
+def pack_layers(keeps: Sequence[Tensor], widths: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    """Padded keep-sets of groups of requests into :func:`compact`'s packed layout, in a
+    fixed number of operations per group (no loop over requests).
+
+    Args:
+        keeps: per group ``[num_layers, B_g, Hkv, W_g]``, request ``b``'s first
+            ``widths[g][b]`` columns meaningful (as ``selection.select_keep_layers``).
+        widths: per group, per request, its keep-set's width (Python ints).
+
+    Returns:
+        ``keep [num_layers, Hkv, sum_B]`` and ``keep_indptr [R + 1]`` (groups in order).
+    """
+    heads = keeps[0].shape[2]
+    flat, columns, at = [], [[] for _ in range(heads)], 0
+    for keep, group in zip(keeps, widths, strict=True):
+        layers, batch, _, width = keep.shape
+        flat.append(keep.reshape(layers, -1))  # a view of select_keep_layers' result
+        for h, row in enumerate(columns):  # [l, b, h, j] sits at (b * Hkv + h) * W + j
+            row += [at + (b * heads + h) * width + j for b, n in enumerate(group) for j in range(n)]
+        at += batch * heads * width
+    lens = [n for group in widths for n in group]
+    packed = torch.cat(flat, dim=-1) if len(flat) > 1 else flat[0]
+    meta = to_device([*host_offsets(lens), *itertools.chain(*columns)], keeps[0].device)
+    keep_indptr, columns_d = meta.split([len(lens) + 1, heads * sum(lens)])
+    return packed[:, columns_d.view(heads, -1)], keep_indptr
 
 
 def check_keep(index: KVIndex, prefix_lens: Tensor, keep: Tensor, keep_indptr: Tensor) -> None:

@@ -8,7 +8,7 @@ tokens are the first ``T = n - w`` keys, the window keys ``[T, n)`` are always k
     keys:     0 ............................ T-1 | T ........ n-1
               candidates (ranked by a score)       window (always kept)
 
-Data path of BACON (``../shared/BACON.md``), each step a function below::
+Data path of BACON ("Last But Not Least", EMNLP 2026), each step a function below::
 
     A ─┬─ snapkv_scores ──────── B  [Hkv, T]   step 1 (the base score)
        └─ last_query_scores ──── Q  [Hkv, T]   step 2
@@ -328,7 +328,7 @@ def bacon_scores(
     first_candidate: int = 0,
     image_grids: Sequence[ImageGrid] | None = None,
 ) -> BaconScores:
-    """BACON's calibrated score for one layer of one request (``../shared/BACON.md``).
+    """BACON's calibrated score for one layer of one request (the paper's steps 1-9).
 
     ``S = B + lam * (E + L + Tr)`` with ``B`` SnapKV's window score, ``E = relu(Q - B)`` the
     last query's excess, ``L`` its pooled neighbourhood, ``Tr`` its mean over the last

@@ -108,35 +108,70 @@ def select_keep_packed(
         Per request ``[Hkv, min(K_b, T_b - f_b) + w_b]`` int64, equal to
         ``select_keep(scores_b.T, K_b, w_b, f_b)``: views into one ``[B, Hkv, width]`` tensor.
     """
-    batch, heads, device = len(lengths), scores.shape[1], scores.device
+    keep = select_keep_layers(scores[None], lengths, budgets, windows, first_candidates)[0]
+    kept = kept_widths(lengths, budgets, windows, first_candidates)
+    return [keep[b, :, : kept[b]] for b in range(len(kept))]
+
+
+def kept_widths(
+    lengths: Sequence[int],
+    budgets: Sequence[int],
+    windows: Sequence[int],
+    first_candidates: Sequence[int],
+) -> list[int]:
+    """Per request the keep-set's width ``min(K_b, T_b - f_b) + w_b`` (Python ints)."""
     spans = [t - f for t, f in zip(lengths, first_candidates, strict=True)]
     if any(s < 0 for s in spans) or any(w < 0 for w in windows):
         raise ValueError("need 0 <= first_candidate <= T and windows >= 0")
+    return [max(0, min(k, s)) + w for k, s, w in zip(budgets, spans, windows, strict=True)]
+
+
+def select_keep_layers(
+    scores: Tensor,
+    lengths: Sequence[int],
+    budgets: Sequence[int],
+    windows: Sequence[int],
+    first_candidates: Sequence[int],
+) -> Tensor:
+    """:func:`select_keep` for every layer and request at once: one batched top-k over
+    ``[layers, B, Hkv, candidates]``, a fixed number of operations whatever the depth and
+    the batch.
+
+    Args:
+        scores: ``[layers, sum_T, Hkv]`` candidate scores, request ``b`` owning ``T_b``
+            consecutive rows in every layer.
+        lengths, budgets, windows, first_candidates: as :func:`select_keep_packed`.
+
+    Returns:
+        ``[layers, B, Hkv, width]`` int64: request ``b``'s keep-set of layer ``l`` in
+        ``[l, b, :, :kept_b]`` (``kept_b`` from :func:`kept_widths`), ``KEEP_PAD`` after.
+    """
+    layers, heads, device = scores.shape[0], scores.shape[2], scores.device
+    batch = len(lengths)
+    out_width = max(kept_widths(lengths, budgets, windows, first_candidates), default=0)
+    spans = [t - f for t, f in zip(lengths, first_candidates, strict=True)]
     kept = [max(0, min(k, s)) for k, s in zip(budgets, spans, strict=True)]
     width, widest = max(kept, default=0), max(spans, default=0)
-    out_width = max((k + w for k, w in zip(kept, windows, strict=True)), default=0)
     rows0 = [o + f for o, f in zip(host_offsets(lengths), first_candidates, strict=False)]
     meta = to_device([*rows0, *spans, *kept, *first_candidates, *lengths, *windows], device)
     row0, span, k, first, t, w = meta.view(6, batch)[..., None, None]  # [B, 1, 1] each
 
     j = torch.arange(out_width, device=device)
     keep = torch.where(j < k + w, t + j - k, KEEP_PAD)  # the window after the k candidates
-    if width > 0:
-        cols = torch.arange(widest, device=device)
-        rows = (row0[:, 0] + cols).clamp(max=scores.shape[0] - 1)  # [B, widest]
-        padded = scores[rows].float().transpose(1, 2)  # [B, Hkv, widest]
-        # -inf past each request's span: never above a real score's rank (k_b <= span)
-        padded = padded.masked_fill(cols >= span, float("-inf"))
-        kth = torch.topk(padded, width, dim=-1).values.gather(
-            -1, (k - 1).clamp(min=0).expand(batch, heads, 1)
-        )
-        above, tied = padded > kth, padded == kth
-        mask = above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
-        # the chosen columns in ascending order: the largest values of widest - col
-        order = torch.topk(torch.where(mask & (k > 0), widest - cols, 0), width, dim=-1).values
-        chosen = first + widest - order  # [B, Hkv, width], absolute positions
-        at = j.clamp(max=width - 1).expand(batch, heads, out_width)
-        keep = torch.where(j < k, chosen.gather(-1, at), keep)
-    else:
-        keep = keep.expand(batch, heads, out_width)
-    return [keep[b, :, : kept[b] + windows[b]] for b in range(batch)]
+    if width == 0:
+        return keep.expand(layers, batch, heads, out_width).contiguous()
+    cols = torch.arange(widest, device=device)
+    rows = (row0[:, 0] + cols).clamp(max=scores.shape[1] - 1)  # [B, widest]
+    padded = scores[:, rows].float().transpose(2, 3)  # [layers, B, Hkv, widest]
+    # -inf past each request's span: never above a real score's rank (k_b <= span)
+    padded = padded.masked_fill(cols >= span, float("-inf"))
+    kth = torch.topk(padded, width, dim=-1).values.gather(
+        -1, (k - 1).clamp(min=0).expand(layers, batch, heads, 1)
+    )
+    above, tied = padded > kth, padded == kth
+    mask = above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
+    # the chosen columns in ascending order: the largest values of widest - col
+    order = torch.topk(torch.where(mask & (k > 0), widest - cols, 0), width, dim=-1).values
+    chosen = first + widest - order  # [layers, B, Hkv, width], absolute positions
+    at = j.clamp(max=width - 1).expand(layers, batch, heads, out_width)
+    return torch.where(j < k, chosen.gather(-1, at), keep)

@@ -14,6 +14,9 @@ Steps (``--steps``, all by default):
 4. ``serving``: a short ``benchmarks/serving.py`` run (none / snapkv / bacon) on a
    random-weight Qwen2-VL built here at Qwen2-VL-7B's attention shapes (28 query / 4 KV
    heads, head_dim 128, M-RoPE sections 16/24/24; ``--layers`` layers; nothing downloaded).
+5. ``compression-cost``: ``benchmarks/compression_cost.py`` at Qwen2-VL-7B's shapes (at most
+   8 minutes): the compression pass's launches, host, device and wall time per prefill batch
+   next to a random-weight Qwen2-7B-shaped decoder's prefill of the same tokens.
 
     python benchmarks/gpu_check.py                      # all steps, report under results/
     python benchmarks/gpu_check.py --steps kernel-tests e2e --out report.json
@@ -39,7 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-STEPS = ("kernel-tests", "kernel-bench", "e2e", "serving")
+STEPS = ("kernel-tests", "kernel-bench", "e2e", "serving", "compression-cost")
 KERNEL_TESTS = (
     "tests/test_kernels_scores.py",
     "tests/test_kernels_keep_sets.py",
@@ -209,6 +212,15 @@ def serving(args: argparse.Namespace, workdir: Path) -> dict:
     return step
 
 
+def compression_cost(args: argparse.Namespace, workdir: Path) -> dict:
+    path = workdir / "compression_cost_gpu.json"
+    argv = [sys.executable, "benchmarks/compression_cost.py", "--json", str(path)]
+    step = run_step("compression-cost", argv, min(args.step_timeout, 480.0))
+    if step["ok"]:
+        step["rows"] = json.loads(path.read_text())["rows"]
+    return step
+
+
 def machine() -> dict:
     import torch
 
@@ -251,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "e2e":
             argv = [sys.executable, "-m", "pytest", "-q", "-rA", *E2E_TESTS]
             step = run_step(name, argv, args.step_timeout, pytest_env())
+        elif name == "compression-cost":
+            step = compression_cost(args, workdir)
         else:
             step = serving(args, workdir)
         report["steps"].append(step)

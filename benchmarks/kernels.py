@@ -10,9 +10,10 @@ speed-up over the reference, as a table, and writes the same rows as JSON.
   gather K, ``scoring.window_attention``, means. ``window_1pass`` (GPU only): the kernel given
   the rows' log-sum-exp, so it reads K once instead of twice.
 - ``calibrate``: bytes = the packed column scores read and B, E, V written (fp32).
-- ``keepset_bacon`` / ``keepset_snapkv``: one layer's ``kernels.keep_sets``, the call the
-  integration makes per layer and prefill batch (scores, calibration with 4 earlier layers'
-  evidence, selection of ``BUDGET - WINDOW`` per head); bytes as ``window_scores``.
+- ``keepset_bacon`` / ``keepset_snapkv``: one layer's ``kernels.keep_sets`` (scores,
+  calibration with 4 earlier layers' evidence, selection of ``BUDGET - WINDOW`` per head), the
+  per-layer call the integration made before its one pass per prefill
+  (``benchmarks/compression_cost.py`` compares the two); bytes as ``window_scores``.
 - ``compact`` (all layers, K and V, keeping ``--keep`` of each private prompt per head):
   bytes = kept bytes read + written; ``copy`` = a plain device copy of as many bytes, the
   bound the kernel is measured against.

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import accuracy
+import compression_cost
 import demo_time
 import evidence_retention
 import gpu_kit
@@ -225,9 +226,25 @@ def kernels_section(paths: list[Path]) -> str:
         "wrote; its report (the compiled kernel tests' result, each row's time over moving "
         "its bytes once) is the newest `<date>-gpu/gpu_check.json`.",
     ]
-    for path in paths:
-        parts += [files(path), kernels.render(json.loads(path.read_text()))]
-    return "\n\n".join(parts)
+    return "\n\n".join(parts + runs(paths, kernels.render))
+
+
+def runs(paths: list[Path], render) -> list[str]:
+    """Per run: its files' line, then its table (``render`` of its JSON)."""
+    return [part for path in paths for part in (files(path), render(json.loads(path.read_text())))]
+
+
+def compression_cost_section(paths: list[Path]) -> str:
+    parts = [
+        "## Compression cost per prefill",
+        "`python benchmarks/compression_cost.py`: the compression pass after the last layer "
+        "(keep-sets of every layer and request, one compaction) against the per-layer path it "
+        "replaced, counted per prefill batch; on a GPU also timed next to the prefill of a "
+        "random-weight Qwen2-7B-shaped decoder (`benchmarks/gpu_check.py --steps "
+        "compression-cost`). On CPU the kernels ran in Triton's interpreter: the counts hold, "
+        "the times do not describe a GPU.",
+    ]
+    return "\n\n".join(parts + runs(paths, compression_cost.render))
 
 
 def task_results(stem: str) -> list[Path]:
@@ -383,6 +400,8 @@ def run_tables() -> dict[Path, str]:
         "kernels_gpu.json": kernels.render,
         "soak.json": soak.render,
         "gpu_kit.json": gpu_kit.render,
+        "compression_cost_cpu.json": compression_cost.render,
+        "compression_cost_gpu.json": compression_cost.render,
     }
     for task in TASKS:
         renderers |= {
@@ -408,6 +427,7 @@ def results_readme() -> str:
         paper_table_section(),
         evidence_section(RESULTS / "evidence_retention.json"),
         kernels_section(sorted(RESULTS.glob("kernels_*.json"))),
+        compression_cost_section(sorted(RESULTS.glob("**/compression_cost_*.json"))),
         demo_section(serving.latest_result("demo_time.json")),
         soak_section(serving.latest_result("soak.json")),
     ]

@@ -13,15 +13,18 @@ set before triton is first imported (``import sglang`` imports it) and the kerne
 imported here on first use, then hold interpreted functions. This package reads no
 environment variable itself; :func:`interpreted` inspects the kernels.
 
-Data path of one layer at the end of prefill::
+What the server runs at the end of a prefill is :mod:`bacon_sglang.kernels.served`: one pass
+over every layer and finishing request (``SERVED[policy]``, then :func:`compact`). The
+functions here are its per-layer building blocks and the path it replaced::
 
     window_scores(q, ...)  -> WindowScores  (column means of the window attention)
     calibrate(scores, ...) -> Calibrated    (B, E, S per candidate; .base for SnapKV)
     ... keep-set per head (bacon_sglang.selection) ...
     compact(k_buffers, v_buffers, ...)      (all layers at once, after the last layer)
 
-:func:`keep_sets` chains the first three for one layer of a batch (what the integration
-calls per layer); :func:`compact` runs once after the last layer.
+:func:`keep_sets` chains the first three for one layer of a batch (the per-layer path, kept
+as a reference for the tests and ``benchmarks/compression_cost.py``); :func:`compact` runs
+once after the last layer.
 """
 
 from __future__ import annotations
@@ -179,6 +182,8 @@ def keep_sets(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """One layer's keep-sets for a batch of requests: SnapKV (``calibrated=False``, the
     pooled window score ``B``) or BACON over SnapKV (the calibrated ``S``), uniform budgets.
+    The per-layer path (4 launches and about 140 operations per layer) that the served pass
+    (:mod:`bacon_sglang.kernels.served`, all layers at once) replaced.
 
     Args:
         q, q_indptr, k_buffer, index, scale: as :func:`window_scores`. Nothing is read back

@@ -18,7 +18,6 @@ requests disjoint slots. Out of place the destination slots are no one's source.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -28,7 +27,7 @@ from torch import Tensor
 
 from bacon_sglang.paged import KVIndex
 
-from .window_scores import slot_of
+from .window_scores import layer_table, slot_of
 
 _INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -78,25 +77,12 @@ def _compact_kernel(
 
 def _layer_offsets(buffers: Sequence[Tensor]) -> tuple[Tensor, Tensor, tuple[int, ...], int]:
     """The first layer's buffer viewed as integers of the element's width (the kernel's base
-    pointer), every layer's offset from it in elements (int64 ``[layers]``), the common strides
-    and the largest power of two <= 16 bytes that divides every row's start (in elements)."""
-    first = buffers[0]
-    for buf in buffers:
-        if buf.shape != first.shape or buf.stride() != first.stride() or buf.dtype != first.dtype:
-            raise ValueError("all layers' buffers need one shape, stride and dtype")
-    if first.stride(2) != 1:
-        raise ValueError("buffers need a contiguous head_dim")
-    size = first.dtype.itemsize
+    pointer), then :func:`~.window_scores.layer_table`'s offsets, strides and alignment."""
+    size = buffers[0].dtype.itemsize
     if size not in _INT_OF_WIDTH:
-        raise ValueError(f"unsupported K/V dtype {first.dtype}")
-    bytes_from_base = [b.data_ptr() - first.data_ptr() for b in buffers]
-    if any(d % size for d in bytes_from_base):
-        raise ValueError("layer buffers must start at whole elements from one another")
-    offsets = [d // size for d in bytes_from_base]
-    align = math.gcd(16 // size, first.data_ptr() // size, first.stride(0), first.stride(1),
-                     *offsets)  # fmt: skip
-    table = torch.tensor(offsets, dtype=torch.int64).to(first.device, non_blocking=True)
-    return first.view(_INT_OF_WIDTH[size]), table, first.stride(), 1 << (align.bit_length() - 1)
+        raise ValueError(f"unsupported K/V dtype {buffers[0].dtype}")
+    table, strides, align = layer_table(buffers)
+    return buffers[0].view(_INT_OF_WIDTH[size]), table, strides, align
 
 
 def compact(

@@ -6,19 +6,23 @@ group). Same arguments, same :class:`~bacon_sglang.paged.WindowScores` result.
 
 Per request ``b`` and KV head ``h`` the ``G * w`` rows (query head ``h * G + g``, window row
 ``i``) are one tile, so each key block is loaded once per program and ``[Hq, w, n]`` never
-exists in memory. Softmax needs each row's normaliser before any column can be summed, so:
+exists in memory. The kernels have a layer axis: one launch scores every layer of a prefill
+(``q [layers, sum_w, Hq, d]``, each layer's K found from one base pointer plus that layer's
+offset, the table the compaction kernel reads too, :func:`layer_table`). Softmax needs each
+row's normaliser before any column can be summed, so:
 
     pass 1  _stats_kernel   per key split: row max m and sum l of exp2(s - m)
     pass 2  _scores_kernel  combine the splits into lse per row, then per key block
                             p = exp2(s - lse), column sums -> mean, last
 
 Pass 2 alone runs when the caller has the rows' log-sum-exp already (``lse``, e.g. from the
-prefill attention): K is then read once. Grid of both: (request, KV head, key split).
+prefill attention): K is then read once. Grid of both: (layer x request, KV head, key split).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -42,15 +46,38 @@ def slot_of(table, start, pos, mask, PAGE: tl.constexpr):
     return slot
 
 
+def layer_table(buffers: Sequence[Tensor]) -> tuple[Tensor, tuple[int, ...], int]:
+    """Where each layer's buffer starts, from the first one: ``[layers]`` int64 offsets in
+    elements (on the buffers' device, one non-blocking copy), the common strides, and the
+    largest power of two <= 16 bytes (in elements) dividing every row's start (the kernels'
+    alignment hint: Triton then moves 16 bytes per instruction)."""
+    first = buffers[0]
+    for buf in buffers:
+        if buf.shape != first.shape or buf.stride() != first.stride() or buf.dtype != first.dtype:
+            raise ValueError("all layers' buffers need one shape, stride and dtype")
+    if first.stride(-1) != 1:
+        raise ValueError("buffers need a contiguous head_dim")
+    size = first.dtype.itemsize
+    bytes_from_base = [b.data_ptr() - first.data_ptr() for b in buffers]
+    if any(d % size for d in bytes_from_base):
+        raise ValueError("layer buffers must start at whole elements from one another")
+    offsets = [d // size for d in bytes_from_base]
+    align = math.gcd(16 // size, first.data_ptr() // size, *first.stride()[:-1], *offsets)
+    table = torch.tensor(offsets, dtype=torch.int64).to(first.device, non_blocking=True)
+    return table, first.stride(), 1 << (align.bit_length() - 1)
+
+
 @triton.jit
 def _logits(
-    qt, k, table, start, cols, col_ok, h, stride_ks, stride_kh, dims, dim_ok, qk_scale,
-    PAGE: tl.constexpr, DOT_F32: tl.constexpr,
+    qt, k, k_layer, table, start, cols, col_ok, h, stride_ks, stride_kh, dims, dim_ok, qk_scale,
+    PAGE: tl.constexpr, DOT_F32: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
-    """``[BLOCK_R, BLOCK_N]`` base-2 logits of the row tile ``qt`` against key block ``cols``."""
+    """``[BLOCK_R, BLOCK_N]`` base-2 logits of the row tile ``qt`` against key block ``cols``
+    of the layer whose K starts ``k_layer`` elements from ``k``."""
     slot = slot_of(table, start, cols, col_ok, PAGE)
+    row = tl.multiple_of(k_layer + slot * stride_ks + h * stride_kh, ALIGN)  # the launcher checks
     kt = tl.load(  # K^T tile [BLOCK_D, BLOCK_N]
-        k + slot[None, :] * stride_ks + h * stride_kh + dims[:, None],
+        k + row[None, :] + dims[:, None],
         mask=dim_ok[:, None] & col_ok[None, :],
         other=0.0,
     )
@@ -92,16 +119,18 @@ def _rows(
 
 @triton.jit
 def _stats_kernel(
-    q, q_indptr, k, table, starts, seq_lens, stats,
-    stride_qt, stride_qh, stride_ks, stride_kh, qk_scale, num_splits,
+    q, q_indptr, k, k_layers, table, starts, seq_lens, stats,
+    stride_ql, stride_qt, stride_qh, stride_ks, stride_kh, qk_scale, num_splits, batch,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Pass 1: per row, max and sum of exp2 of its logits over the keys of split ``s``."""
-    b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    lb, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    layer, b = lb // batch, lb % batch
+    k_layer = tl.load(k_layers + layer)
     qt, n, q0, w, r, row_ok, i, dims, dim_ok = _rows(
-        q, q_indptr, seq_lens, b, h, stride_qt, stride_qh,
+        q + layer.to(tl.int64) * stride_ql, q_indptr, seq_lens, b, h, stride_qt, stride_qh,
         GROUP, HEAD_DIM, BLOCK_R, BLOCK_D, DOT_F32,
     )  # fmt: skip
     lo = s * SPLIT
@@ -115,33 +144,36 @@ def _stats_kernel(
         cols = j0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
         x = _logits(
-            qt, k, table, start, cols, col_ok, h, stride_ks, stride_kh, dims, dim_ok, qk_scale,
-            PAGE, DOT_F32,
+            qt, k, k_layer, table, start, cols, col_ok, h, stride_ks, stride_kh, dims, dim_ok,
+            qk_scale, PAGE, DOT_F32, ALIGN,
         )  # fmt: skip
         x = tl.where(col_ok[None, :] & (cols[None, :] <= (n - w + i)[:, None]), x, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(x, axis=1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows without a key yet
         row_sum = row_sum * tl.exp2(row_max - shift) + tl.sum(tl.exp2(x - shift[:, None]), axis=1)
         row_max = new_max
-    out = stats + ((b * tl.num_programs(1) + h) * num_splits + s) * 2 * BLOCK_R + r
+    out = stats + ((lb * tl.num_programs(1) + h) * num_splits + s) * 2 * BLOCK_R + r
     tl.store(out, row_max)
     tl.store(out + BLOCK_R, row_sum)
 
 
 @triton.jit
 def _scores_kernel(
-    q, q_indptr, k, table, starts, seq_lens, stats, lse, out_indptr, out_mean, out_last,
-    stride_qt, stride_qh, stride_ks, stride_kh, stride_lt, qk_scale, num_splits,
+    q, q_indptr, k, k_layers, table, starts, seq_lens, stats, lse, out_indptr, out_mean,
+    out_last, stride_ql, stride_qt, stride_qh, stride_ks, stride_kh, stride_lt, stride_ol,
+    qk_scale, num_splits, batch,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_F32: tl.constexpr, HAS_LSE: tl.constexpr,
+    DOT_F32: tl.constexpr, HAS_LSE: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Pass 2: the rows' log2-sum-exp2, then normalised column sums over the keys of split
-    ``s``, written to ``out_mean`` / ``out_last`` ``[sum_n, Hkv]``."""
-    b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ``s``, written to ``out_mean`` / ``out_last`` ``[layers, sum_n, Hkv]``."""
+    lb, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    layer, b = lb // batch, lb % batch
+    k_layer = tl.load(k_layers + layer)
     num_kv_heads = tl.num_programs(1)
     qt, n, q0, w, r, row_ok, i, dims, dim_ok = _rows(
-        q, q_indptr, seq_lens, b, h, stride_qt, stride_qh,
+        q + layer.to(tl.int64) * stride_ql, q_indptr, seq_lens, b, h, stride_qt, stride_qh,
         GROUP, HEAD_DIM, BLOCK_R, BLOCK_D, DOT_F32,
     )  # fmt: skip
     lo = s * SPLIT
@@ -154,7 +186,7 @@ def _scores_kernel(
         row_lse = tl.load(lse + (q0 + i) * stride_lt + h * GROUP + r // w, mask=row_ok, other=0.0)
         row_lse = row_lse.to(tl.float32) * 1.4426950408889634
     else:  # combine the splits of pass 1
-        part = stats + (b * num_kv_heads + h) * num_splits * 2 * BLOCK_R + r
+        part = stats + (lb * num_kv_heads + h) * num_splits * 2 * BLOCK_R + r
         row_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
         for t in range(0, tl.cdiv(n, SPLIT)):
             row_max = tl.maximum(row_max, tl.load(part + t * 2 * BLOCK_R))
@@ -171,12 +203,12 @@ def _scores_kernel(
         cols = j0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
         x = _logits(
-            qt, k, table, start, cols, col_ok, h, stride_ks, stride_kh, dims, dim_ok, qk_scale,
-            PAGE, DOT_F32,
+            qt, k, k_layer, table, start, cols, col_ok, h, stride_ks, stride_kh, dims, dim_ok,
+            qk_scale, PAGE, DOT_F32, ALIGN,
         )  # fmt: skip
         ok = row_ok[:, None] & col_ok[None, :] & (cols[None, :] <= (n - w + i)[:, None])
         p = tl.where(ok, tl.exp2(x - row_lse[:, None]), 0.0)
-        dst = (out0 + cols) * num_kv_heads + h
+        dst = layer.to(tl.int64) * stride_ol + (out0 + cols) * num_kv_heads + h
         tl.store(out_mean + dst, tl.sum(p, axis=0) * inv_rows, mask=col_ok)
         last = tl.sum(tl.where(is_last[:, None], p, 0.0), axis=0) / GROUP
         tl.store(out_last + dst, last, mask=col_ok)
@@ -189,25 +221,59 @@ def window_scores(
     index: KVIndex,
     scale: float | None = None,
     lse: Tensor | None = None,
-    *,
-    block_n: int | None = None,
-    split: int | None = None,
+    **tiles: int | None,
 ) -> WindowScores:
-    """Launcher; arguments as :func:`bacon_sglang.paged.window_scores`, plus:
+    """Launcher for one layer; arguments as :func:`bacon_sglang.paged.window_scores`, plus
+    ``tiles`` (``block_n``, ``split``: see :func:`layer_window_scores`).
 
     Args:
         lse: optional ``[sum_w, Hq]`` natural-log log-sum-exp of ``scale * q · k`` of each
             window row over its causal keys (what FlashAttention returns); skips pass 1.
+    """
+    if lse is not None:
+        lse = lse if lse.stride(1) == 1 else lse.contiguous()
+    scores = layer_window_scores(q[None], q_indptr, [k_buffer], index, scale, lse, **tiles)
+    return scores._replace(mean=scores.mean[0], last=scores.last[0])
+
+
+def layer_window_scores(
+    q: Tensor,
+    q_indptr: Tensor,
+    k_buffers: Sequence[Tensor],
+    index: KVIndex,
+    scale: float | None = None,
+    lse: Tensor | None = None,
+    *,
+    block_n: int | None = None,
+    split: int | None = None,
+) -> WindowScores:
+    """:func:`window_scores` of every layer at once: two launches whatever the depth.
+
+    Args:
+        q: ``[layers, sum_w, Hq, d]`` window queries of each layer (any stride on the layer
+            and row axes, contiguous ``d``).
+        q_indptr: ``[B + 1]`` rows per request, on the CPU (nothing is read back).
+        k_buffers: per layer ``[num_slots, Hkv, d]`` (one shape, stride and dtype).
+        index, scale: as :func:`window_scores`; ``lse`` only with one layer.
         block_n: keys per tile (64 on GPU; larger under the interpreter, where every
             operation has a fixed cost).
         split: keys per program, rounded to a multiple of ``block_n`` (1024 on GPU).
+
+    Returns:
+        :class:`WindowScores` with ``mean``, ``last`` ``[layers, sum_n, Hkv]`` float32.
     """
-    num_kv_heads, head_dim = k_buffer.shape[1], k_buffer.shape[2]
-    num_q_heads = q.shape[1]
-    if num_q_heads % num_kv_heads or q.shape[2] != head_dim:
+    num_layers, _, num_q_heads, head_dim = q.shape
+    k_buffer = k_buffers[0]
+    num_kv_heads = k_buffer.shape[1]
+    if len(k_buffers) != num_layers:
+        raise ValueError(f"q has {num_layers} layers, got {len(k_buffers)} K buffers")
+    if num_q_heads % num_kv_heads or k_buffer.shape[2] != head_dim:
         raise ValueError(f"q {tuple(q.shape)} does not match K {tuple(k_buffer.shape)}")
-    if q.stride(2) != 1 or k_buffer.stride(2) != 1:
-        raise ValueError("q and k_buffer need a contiguous head_dim")
+    if q.stride(3) != 1:
+        raise ValueError("q needs a contiguous head_dim")
+    if lse is not None and num_layers != 1:
+        raise ValueError("lse is given for one layer only")
+    k_layers, k_stride, align = layer_table(k_buffers)
     group = num_q_heads // num_kv_heads
     batch = len(index.seq_lens)
     seq_lens_host = index.lengths()  # no GPU read when the index knows them (from_rows)
@@ -216,7 +282,7 @@ def window_scores(
         raise ValueError("each window must hold 1..n queries")
     out_indptr = indptr(index.seq_lens.to(q.device))
     total = sum(seq_lens_host)
-    mean = torch.empty(total, num_kv_heads, dtype=torch.float32, device=q.device)
+    mean = torch.empty(num_layers, total, num_kv_heads, dtype=torch.float32, device=q.device)
     last = torch.empty_like(mean)
     if total == 0:
         return WindowScores(mean, last, out_indptr, tuple(seq_lens_host))
@@ -231,30 +297,30 @@ def window_scores(
     # bf16 tl.dot is wrong under TRITON_INTERPRET; fp32 must not drop to tf32 on GPU
     dot_f32 = torch.float32 in (q.dtype, k_buffer.dtype) or q.dtype != k_buffer.dtype
     dot_f32 = dot_f32 or not q.is_cuda
-    grid = (batch, num_kv_heads, num_splits)
+    grid = (num_layers * batch, num_kv_heads, num_splits)
     common = dict(
         GROUP=group, HEAD_DIM=head_dim, PAGE=index.page_size, BLOCK_R=block_r,
-        BLOCK_D=block_d, BLOCK_N=block_n, SPLIT=split, DOT_F32=dot_f32,
+        BLOCK_D=block_d, BLOCK_N=block_n, SPLIT=split, DOT_F32=dot_f32, ALIGN=align,
         num_warps=8 if block_r >= 128 else 4,
     )  # fmt: skip
     q_indptr = q_indptr.to(q.device, torch.int64, non_blocking=True)
     starts, seq_lens = index.start.to(q.device), index.seq_lens.to(q.device)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k_stride[0], k_stride[1])
     if lse is None:
         stats = torch.empty(
-            batch, num_kv_heads, num_splits, 2, block_r, dtype=torch.float32, device=q.device
-        )
+            num_layers * batch, num_kv_heads, num_splits, 2, block_r,
+            dtype=torch.float32, device=q.device,
+        )  # fmt: skip
         _stats_kernel[grid](
-            q, q_indptr, k_buffer, index.table, starts, seq_lens, stats,
-            q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), qk_scale,
-            num_splits, **common,
+            q, q_indptr, k_buffer, k_layers, index.table, starts, seq_lens, stats, *strides,
+            qk_scale, num_splits, batch, **common,
         )  # fmt: skip
         lse_arg, stride_lt = stats, 0
     else:
-        lse = lse if lse.stride(1) == 1 else lse.contiguous()
         stats, lse_arg, stride_lt = mean, lse, lse.stride(0)
     _scores_kernel[grid](
-        q, q_indptr, k_buffer, index.table, starts, seq_lens, stats, lse_arg, out_indptr,
-        mean, last, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), stride_lt,
-        qk_scale, num_splits, HAS_LSE=lse is not None, **common,
+        q, q_indptr, k_buffer, k_layers, index.table, starts, seq_lens, stats, lse_arg,
+        out_indptr, mean, last, *strides, stride_lt, mean.stride(0), qk_scale, num_splits,
+        batch, HAS_LSE=lse is not None, **common,
     )  # fmt: skip
     return WindowScores(mean, last, out_indptr, tuple(seq_lens_host))

@@ -6,15 +6,20 @@ forward's new tokens and the layer's KV already written to the pool. When the sc
 has a compression plan for the current extend batch (``patches/scheduler.py``), after the
 layer's attention (AFTER, so this forward's own attention saw the full KV):
 
-1. each planned request's last ``w`` query rows are taken (and stashed for a request whose
-   prompt continues in a later chunk);
-2. for a request whose prompt ends in this forward, its keys for the whole prompt are read
-   from the pool through its ``req_to_token`` snapshot, and the policy's keep-set for this
-   layer is recorded;
-3. after the last layer, the kept K/V of every layer are compacted, in one call
-   (``bacon_sglang.kernels.compact``): in place, or into the fresh slots of a compressed
-   copy (``--kv-prefix-cache full``), leaving the prompt's full KV for the radix tree. No
-   later layer of this forward reads those layers.
+1. every layer: the planned requests' last ``w`` query rows are copied into the forward's
+   window buffer (:class:`bacon_sglang.compression.ForwardWindows`, allocated at layer 0:
+   one copy per layer for the whole batch, no per-request work);
+2. after the last layer, one pass: per group of finishing requests sharing a policy and pool
+   kernel, the served policy's keep-set function (``bacon_sglang.kernels.served.SERVED``:
+   window scores of every layer from the pool's K, calibration, one batched top-k), then
+   the kept K/V of every layer and request are compacted in one launch
+   (``bacon_sglang.kernels.compact``): in place, or into the fresh slots of a compressed copy
+   (``--kv-prefix-cache full``), leaving the prompt's full KV for the radix tree. Middle
+   chunks' rows are stashed for their request's last chunk. Nothing is read back from the
+   device; the launches do not depend on the depth or the batch.
+
+The buffer is dropped when the pass ends, and by the scheduler when the forward does
+(``Runtime.forward``).
 
 ``HybridAttnBackend`` calls its sub-backends' ``forward`` with keywords, hence the
 unpacking below.
@@ -25,7 +30,9 @@ from __future__ import annotations
 import torch
 
 from bacon_sglang import kernels
-from bacon_sglang.paged import KVIndex
+from bacon_sglang.compression import ForwardWindows
+from bacon_sglang.kernels import served
+from bacon_sglang.paged import KVIndex, pack_layers, to_device
 from bacon_sglang.patches import scheduler as scheduler_patch
 
 _ARG_NAMES = ("q", "k", "v", "layer", "forward_batch")
@@ -47,77 +54,59 @@ def after_attention_forward(result, backend, *args, **kwargs):
     if forward_batch.forward_mode.name != "EXTEND":
         return result
     q = a["q"].reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-    compacting = False
     try:
         with torch.no_grad():
-            score_layer(runtime, layer, q)
+            if layer.layer_id == 0 or runtime.forward is None:
+                scored = [e for e in runtime.plan if e.window is not None]
+                runtime.forward = ForwardWindows(scored, runtime.num_layers, q)
+            runtime.forward.add(layer.layer_id, q)
             if layer.layer_id == runtime.num_layers - 1:
-                compacting = True
-                compact_all(runtime)
+                try:
+                    compress(runtime, runtime.forward, layer.scaling)
+                finally:
+                    runtime.forward = None
     except Exception as exc:  # noqa: BLE001 - one request's failure must not end the server
-        scheduler_patch.contain_forward_failure(runtime, exc, compacting)
+        runtime.forward = None
+        scheduler_patch.contain_forward_failure(runtime, exc, runtime.compacting)
     return result
 
 
-def score_layer(runtime, layer, q: torch.Tensor) -> None:
-    """Steps 1-2 for every planned request at this layer."""
-    finishing: dict[tuple, list] = {}  # (policy, pool kernel) -> [(compression, q_window)]
-    for entry in runtime.plan:
-        if entry.window is None:  # keep-set known (a retracted request) or failed
-            continue
-        rows = q[entry.q_start : entry.q_start + entry.q_len]
-        q_window = entry.window.add(layer.layer_id, rows)
-        c = entry.compression
-        if c is not None:
-            key = (c.config.policy, c.config.pool_kernel)
-            finishing.setdefault(key, []).append((c, q_window))
-    keys_buffer = runtime.kv_pool.get_key_buffer(layer.layer_id)
-    for group in finishing.values():
-        score_group(layer, group, keys_buffer)
-
-
-def score_group(layer, group: list, keys_buffer: torch.Tensor) -> None:
-    """One batched :func:`bacon_sglang.kernels.keep_sets` call over the pool's K for the
-    requests of ``group``: ``(RequestCompression, q_window [w_b, Hq, d])`` pairs sharing a
-    policy and pool kernel, each with its own budget, window and shared prefix. Records
-    each request's keep-set and, for the next layers' persistence term, its evidence."""
-    compressions = [c for c, _ in group]
-    windows = [q_window for _, q_window in group]
-    config = compressions[0].config
-    calibrated = config.policy == "bacon"
-    layers_before = len(compressions[0].state.evidence)
-    prev_evidence = [
-        torch.cat([c.state.evidence[j].T for c in compressions]) for j in range(layers_before)
-    ]
-    window_lens = torch.tensor([w.shape[0] for w in windows])
-    keep, evidence = kernels.keep_sets(
-        torch.cat(windows),
-        kernels.indptr(window_lens),  # on the CPU: keep_sets reads its lengths without a sync
-        keys_buffer,
-        KVIndex.from_rows([c.slots for c in compressions]),
-        [c.kept - w for c, w in zip(compressions, window_lens.tolist(), strict=True)],
-        [c.prefix_len for c in compressions],
-        calibrated=calibrated,
-        prev_evidence=prev_evidence,
-        scale=layer.scaling,
-        pool_kernel=config.pool_kernel,
-    )
-    for c, k, e in zip(compressions, keep, evidence, strict=True):
-        c.record(layer.layer_id, k, e.T if calibrated else None)
-
-
-def compact_all(runtime) -> None:
-    """Step 3: move every compressed request's kept tokens, all layers, in one call (in
-    place, or into its copy's slots)."""
-    plans = [e.compression for e in runtime.plan if e.compression is not None]
-    if not plans:
+def compress(runtime, windows: ForwardWindows, scale: float) -> None:
+    """The pass after the last layer: keep-sets of every finishing request, every layer
+    (one served-policy call per policy group; a retracted request's are known already),
+    then one compaction of them all."""
+    groups = windows.finish()
+    known = [e.compression for e in runtime.plan if e.window is None and e.compression]
+    if not groups and not known:
         return
     pool = runtime.kv_pool
-    keep, keep_indptr = kernels.pack_keep([c.keep for c in plans])
-    prefix_lens = torch.tensor([c.prefix_len for c in plans], device=keep.device)
+    keeps, widths, plans = [], [], []
+    for compressions, q, window_lens in groups:
+        config = compressions[0].config
+        batch = served.PrefillBatch(
+            q, window_lens, pool.k_buffer, KVIndex.from_rows([c.slots for c in compressions]),
+            [c.kept - w for c, w in zip(compressions, window_lens, strict=True)],
+            [c.prefix_len for c in compressions], scale, config.pool_kernel,
+        )  # fmt: skip
+        keeps.append(served.keep_sets(config.policy, batch))
+        widths.append([c.kept for c in compressions])
+        plans += compressions
+    for c in known:  # prefilled again after a retraction: the keep-set its first prefill chose
+        keeps.append(c.keep.unsqueeze(1))
+        widths.append([c.kept])
+        plans.append(c)
+    keep, keep_indptr = pack_layers(keeps, widths)
+    at = 0
+    for c in plans:  # views, for the report and --kv-debug-dir
+        c.keep, at = keep[..., at : at + c.kept], at + c.kept
+    prefix_lens = to_device([c.prefix_len for c in plans], keep.device)
     index = KVIndex.from_rows([c.slots for c in plans])
     dst = KVIndex.from_rows([c.destination() for c in plans])
-    kernels.compact(pool.k_buffer, pool.v_buffer, index, prefix_lens, keep, keep_indptr, dst)
+    runtime.compacting = True  # from here on, a failure may leave KV half moved
+    try:
+        kernels.compact(pool.k_buffer, pool.v_buffer, index, prefix_lens, keep, keep_indptr, dst)
+    finally:
+        runtime.compacting = False
 
 
 HOOKS = [

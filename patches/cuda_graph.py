@@ -1,12 +1,14 @@
 """Which of SGLang 0.5.23's execution paths compression can run on (graphs, attention
 backends), checked at launch, and what a scheduler actually runs (``GET /server_info``).
 
-The per-layer scoring and the compaction run in the AFTER hook on
-``AttentionBackend.forward`` (``patches/attention.py``): Python that must execute at every
-layer of a prefill forward, reading the real query rows. Decode needs no hook inside the
-model: its positions, ``seq_lens`` and ``req_pool_indices`` come from the ``ForwardBatch``
-(``patches/forward_batch.py``, ``patches/scheduler.py``), which every decode graph runner
-copies into its static buffers before each replay. So, per path:
+The compression runs in the AFTER hook on ``AttentionBackend.forward``
+(``patches/attention.py``): at every layer of a prefill forward, one copy of the planned
+requests' window query rows into the forward's buffer; after the last layer, the pass
+(scores of every layer, calibration, selection, compaction: a constant number of launches,
+nothing read back). Both are Python that must run on the real query rows. Decode needs no
+hook inside the model: its positions, ``seq_lens`` and ``req_pool_indices`` come from the
+``ForwardBatch`` (``patches/forward_batch.py``, ``patches/scheduler.py``), which every decode
+graph runner copies into its static buffers before each replay. So, per path:
 
 * decode CUDA graphs (``full``, ``breakable``), with or without ``--enable-torch-compile``,
   and the CPU graph runner (``torch.compile``, decode only): supported; the attention hook
@@ -20,6 +22,18 @@ copies into its static buffers before each replay. So, per path:
   happen while the scheduler still frees the "evicted" slots.
 * piecewise (``tc_piecewise``) prefill graphs: removed from SGLang 0.5.23 (its parser rejects
   them), nothing to refuse.
+* capturing the pass itself (issue 29, item 2): **not done**. It is eager in every supported
+  path (none, SGLang's default prefill path for Qwen2-VL; breakable, where the last layer's
+  attention, and the pass with it, runs between captured segments). What capture per bucket
+  needs, none of it measured: shapes padded to buckets (requests to a power of two, the
+  longest prompt to a bucket, window rows to ``requests x w``: the kernels already mask by
+  each request's length, so padding costs only work), the small integer tables (offsets,
+  lengths, selection metadata, packing columns) filled into static device buffers by one
+  copy before replay instead of fresh ``to_device`` tensors, the layer offset table built
+  once per pool, and the per-request views of the result (``RequestCompression.keep``) taken
+  after replay. Whether it pays off is for a GPU to say: ``benchmarks/gpu_check.py --steps
+  compression-cost`` reports the pass's host time next to its device time (capture can only
+  remove the host part, 4-5 Triton launches and 72-128 PyTorch operations per prefill batch).
 * an attention backend that overrides ``AttentionBackend.forward`` (MLA, sparse and hybrid
   linear backends, two-batch overlap): **refused**, the hook would never run. SGLang's
   ``HybridAttnBackend`` (``--prefill-attention-backend`` differing from the decode one)
@@ -30,7 +44,7 @@ from __future__ import annotations
 
 PREFILL_FULL_GRAPH = (
     "--cuda-graph-backend-prefill full (a full prefill graph replays attention without "
-    "Python, so the per-layer scoring cannot run; use breakable or disabled)"
+    "Python, so the window queries are never copied nor scored; use breakable or disabled)"
 )
 
 

@@ -74,6 +74,8 @@ class Runtime:
     policies: dict[tuple[str, int], Policy] = field(default_factory=dict)
     context_len: int | None = None
     plan: list[PlanEntry] | None = None
+    forward: object | None = None  # the planned forward's window buffer (patches/attention.py)
+    compacting: bool = False  # the forward's compaction is under way (patches/attention.py)
     # Window queries of requests whose prompt continues in a later chunk, keyed by the
     # request object itself (never by rid: a later request may reuse an aborted one's rid).
     windows: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
@@ -544,7 +546,7 @@ def around_run_batch(original, scheduler, batch, *args, **kwargs):
                 radix_cache.free_copy(runtime.tree_cache, entry.compression.copy_slots)
         raise
     finally:
-        runtime.plan = None
+        runtime.plan = runtime.forward = None
     apply_plan(runtime, batch, entries)
     parallel.assert_tp_ranks_agree(scheduler, [e.req for e in entries if e.compression])
     return result

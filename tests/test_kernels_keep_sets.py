@@ -22,17 +22,20 @@ HQ, HKV, D, LAYERS = 4, 2, 64, 5  # one layer more than BACON's 4-layer history
 REQUESTS = [(300, 0, 64, 32), (181, 48, 96, 32), (120, 0, 40, 16), (90, 20, 37, 32)]
 
 
-def make_pool(gen: torch.Generator, page_size: int):
+def make_pool(
+    gen, page_size, heads=HKV, head_dim=D, lens=tuple(r[0] for r in REQUESTS), layers=LAYERS
+):
     """Shuffled whole pages, as after real allocation; one K buffer per layer."""
-    pages_per_req = [-(-n // page_size) for n, *_ in REQUESTS]
+    lens = list(lens)
+    pages_per_req = [-(-n // page_size) for n in lens]
     order = torch.randperm(sum(pages_per_req) + 4, generator=gen) + 1
     slots, at = [], 0
-    for (n, *_), k in zip(REQUESTS, pages_per_req, strict=True):
+    for n, k in zip(lens, pages_per_req, strict=True):
         pos = torch.arange(n)
         slots.append(order[at : at + k][pos // page_size] * page_size + pos % page_size)
         at += k
     num_slots = (len(order) + 1) * page_size
-    keys = [torch.randn(num_slots, HKV, D, generator=gen) * 2 for _ in range(LAYERS)]
+    keys = [torch.randn(num_slots, heads, head_dim, generator=gen) * 2 for _ in range(layers)]
     return slots, keys
 
 
@@ -117,6 +120,17 @@ class _Operations(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def without_sync(call) -> None:
+    """Run ``call()`` on CUDA in sync debug mode "error": it raises if ``call`` synchronises
+    with the GPU (reads a value back)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def _layer_call(batch: int, device: str, calibrated: bool):
     """One layer's ``keep_sets`` call as the integration makes it (``q_indptr`` on the CPU,
     the index from slot rows), for ``batch`` prompts of 200 tokens."""
@@ -143,13 +157,7 @@ def test_keep_sets_read_nothing_back_and_do_not_grow_with_the_batch(
     operations as 1 apart from views (the selection is batched, not a loop per request)."""
     if kernel_device == "cuda":
         for batch in (1, 4):
-            call = _layer_call(batch, kernel_device, calibrated)
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                call()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+            without_sync(_layer_call(batch, kernel_device, calibrated))
         return
     counts = {}
     for batch in (1, 4):

@@ -14,7 +14,7 @@ from bacon_sglang.selection import select_keep
 
 @dataclass(frozen=True)
 class BACON(Policy):
-    """Boundary Attention CalibratiON around a base policy (``../shared/BACON.md``).
+    """Boundary Attention CalibratiON around a base policy ("Last But Not Least", EMNLP 2026).
 
     Head budgets come from ``base`` and its score ``B``; each head then keeps its top-``K_h``
     of ``S = B + lam * (E + L + Tr)`` (:func:`bacon_sglang.scoring.calibrate`). The top-2K

@@ -4,8 +4,9 @@
 ``*.dist-info`` registers :func:`load` under SGLang's plugin entry point, so every server
 process loads it after (or before) bacon-sglang's own plugin. A request whose
 ``kv_compression`` override asks for one of :data:`MAGIC_BUDGET`'s budgets makes one stage of
-the compression path raise ``RuntimeError``: planning (before the forward), scoring or
-compaction (inside the forward). Nothing else changes.
+the compression path raise ``RuntimeError``: planning (before the forward), scoring (the
+served policy's keep-sets) or compaction (both in the pass after the forward's last
+layer). Nothing else changes.
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ def _asks_for(req_or_config, stage: str) -> bool:
 
 def load() -> None:
     """Wrap the compression path's stages (called by SGLang in every process)."""
-    from bacon_sglang.patches import attention, scheduler
+    from bacon_sglang import kernels
+    from bacon_sglang.kernels import served
+    from bacon_sglang.patches import scheduler
 
+    if getattr(scheduler.plan_compression, "__name__", "") == "faulty_plan":
+        return  # loaded already in this process
     plan_compression = scheduler.plan_compression
 
     def faulty_plan(runtime, req, config, *args, **kwargs):
@@ -33,27 +38,26 @@ def load() -> None:
             raise InjectedFault("injected planning fault")
         return plan_compression(runtime, req, config, *args, **kwargs)
 
-    def planned(runtime, stage: str) -> bool:
+    def planned(stage: str) -> bool:
         return any(
             e.compression is not None and _asks_for(e.compression.config, stage)
-            for e in runtime.plan or []
+            for e in scheduler.RUNTIME.plan or []
         )
 
-    score_layer = attention.score_layer
+    keep_sets = served.keep_sets
 
-    def faulty_score(runtime, *args, **kwargs):
-        if planned(runtime, "score"):
+    def faulty_keep_sets(*args, **kwargs):
+        if planned("score"):
             raise InjectedFault("injected scoring fault")
-        return score_layer(runtime, *args, **kwargs)
+        return keep_sets(*args, **kwargs)
 
-    compact_all = attention.compact_all
+    compact = kernels.compact
 
-    def faulty_compact(runtime, *args, **kwargs):
-        if planned(runtime, "compact"):
+    def faulty_compact(*args, **kwargs):
+        if planned("compact"):
             raise InjectedFault("injected compaction fault")
-        return compact_all(runtime, *args, **kwargs)
+        return compact(*args, **kwargs)
 
-    if getattr(scheduler.plan_compression, "__name__", "") != "faulty_plan":
-        scheduler.plan_compression = faulty_plan
-        attention.score_layer = faulty_score
-        attention.compact_all = faulty_compact
+    scheduler.plan_compression = faulty_plan
+    served.keep_sets = faulty_keep_sets
+    kernels.compact = faulty_compact
