@@ -1,5 +1,6 @@
 """Results pages from the committed benchmark JSON, no benchmark run: benchmarks/results/README.md
-(every full table), each run's .md and the README's generated blocks; seconds on CPU.
+(every full table), each run's .md and the generated blocks of README.md and benchmarks/README.md;
+seconds on CPU.
 
     python benchmarks/report.py            # rewrite them from benchmarks/results/**/*.json
     python benchmarks/report.py --check    # exit 1 if one is not what the JSON gives (a test)
@@ -49,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 RESULTS_README = RESULTS / "README.md"
 README = ROOT / "README.md"
+BENCHMARKS_README = ROOT / "benchmarks" / "README.md"
 MARKERS = {  # README block: (first line, last line); the text between is written here
     "summary": (
         "<!-- results summary: written by benchmarks/report.py from the JSON -->",
@@ -318,7 +320,7 @@ def paper_table_section() -> str:
 
 
 def paper_tables() -> str:
-    """The README's copy of every task's paper table (the newest run of each)."""
+    """benchmarks/README.md's copy of every task's paper table (the newest run of each)."""
     return "\n\n".join(
         paper_table.render(json.loads(p.read_text())) for p in task_results("paper_table")
     )
@@ -560,16 +562,25 @@ def readme() -> str:
     """The repository README with its generated blocks up to date."""
     text = with_block(README.read_text(), "summary", summary())
     text = with_block(text, "demo output", demo_output())
-    text = with_block(text, "premise", premise_overview())
-    text = with_block(text, "paper table", paper_tables())
     return with_block(text, "demo", demo_timing())
+
+
+def benchmarks_readme() -> str:
+    """``benchmarks/README.md`` with its generated blocks (the quality discussion's tables)."""
+    text = with_block(BENCHMARKS_README.read_text(), "premise", premise_overview())
+    return with_block(text, "paper table", paper_tables())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="compare, write nothing")
     args = parser.parse_args(argv)
-    wanted = {RESULTS_README: results_readme(), README: readme(), **run_tables()}
+    wanted = {
+        RESULTS_README: results_readme(),
+        README: readme(),
+        BENCHMARKS_README: benchmarks_readme(),
+        **run_tables(),
+    }
     stale = [p for p, text in wanted.items() if not p.exists() or p.read_text() != text]
     if args.check:
         for path in stale:

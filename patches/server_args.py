@@ -128,7 +128,7 @@ def scale_out_problems(server_args) -> list[str]:
     if (getattr(server_args, "disaggregation_mode", "null") or "null") != "null":
         problems.append(
             "prefill/decode disaggregation (the KV transfer moves the full prompt's slots; "
-            "a compressed transfer is not built yet, see the README's Scaling out)"
+            "a compressed transfer is not built yet, see patches/README.md, Scaling out)"
         )
     return problems
 
