@@ -37,7 +37,7 @@ from pathlib import Path
 
 import requests
 import torch
-from serving import add_task_arguments, latest_result, machine, results_dir, task_model_path
+from common import add_task_arguments, latest_result, machine, results_dir, task_model_path
 
 from bacon_sglang.config import POLICY_NAMES
 from bacon_sglang.demo import image_data_url

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import machine, results_dir
 from serving_report import markdown
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -38,7 +39,6 @@ from bacon_sglang import kernels
 from bacon_sglang.kernels import served
 from bacon_sglang.paged import KVIndex, pack_keep, pack_layers, to_device
 
-RESULTS = Path(__file__).resolve().parent / "results"
 WINDOW, BUDGET = 32, 64
 SHAPES = {  # layers, query heads, KV heads, head_dim, hidden, MLP
     "qwen2-vl-7b": dict(layers=28, q_heads=28, kv_heads=4, head_dim=128, hidden=3584,
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.n) <= BUDGET:
         parser.error(f"--n: prompts must be longer than the budget ({BUDGET})")
     cpu = args.device == "cpu"
-    path = args.json or RESULTS / f"compression_cost_{'cpu' if cpu else 'gpu'}.json"
+    path = args.json or results_dir(machine()) / f"compression_cost_{'cpu' if cpu else 'gpu'}.json"
     if args.report_only:
         write_report(json.loads(path.read_text()), path)
         return

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from serving import latest_result, machine, results_dir
+from common import latest_result, machine, markdown_table, results_dir
 
 DEMO = [sys.executable, "-m", "bacon_sglang.demo"]
 
@@ -80,19 +80,25 @@ def parse_env(items: list[str]) -> list[dict[str, str]]:
 
 def render(record: dict) -> str:
     """One line per run, then the medians per setup."""
-    lines = [
-        "| setup | wall s | answer s | start, answer, stop s | correct | inductor compiled "
-        "| load before | load after |",
-        "|---|---|---|---|---|---|---|---|",
+    header = (
+        "setup", "wall s", "answer s", "start, answer, stop s", "correct", "inductor compiled",
+        "load before", "load after",
+    )  # fmt: skip
+    yes = {True: "yes", False: "no"}
+    rows = [
+        (
+            " ".join(f"{k}={v}" for k, v in r["env"].items()) or "default",
+            f"{r['wall_s']:.1f}",
+            f"{r['answer_s']:.2f}",
+            f"{r['start_and_stop_s']:.1f}",
+            yes[bool(r["correct"])],
+            yes[bool(r["inductor_compiled"])],
+            f"{r['loadavg_before'][0]:.1f}",
+            f"{r['loadavg_after'][0]:.1f}",
+        )  # fmt: skip
+        for r in record["runs"]
     ]
-    for r in record["runs"]:
-        setup = " ".join(f"{k}={v}" for k, v in r["env"].items()) or "default"
-        lines.append(
-            f"| {setup} | {r['wall_s']:.1f} | {r['answer_s']:.2f} | {r['start_and_stop_s']:.1f} "
-            f"| {'yes' if r['correct'] else 'no'} | {'yes' if r['inductor_compiled'] else 'no'} "
-            f"| {r['loadavg_before'][0]:.1f} | {r['loadavg_after'][0]:.1f} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(header, rows)
 
 
 def medians(record: dict, env: dict | None = None) -> dict[str, float]:

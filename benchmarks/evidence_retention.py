@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import latest_result, machine, markdown_table, results_dir
 
 from bacon_sglang.policies import BACON, RequestState, SnapKV
 from bacon_sglang.scoring import (
@@ -55,7 +56,6 @@ from bacon_sglang.selection import select_keep
 
 METHODS = ("snapkv", "bacon-1d", "bacon-2d", "last-query")
 BUDGETS = (256, 128, 64, 32)
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass(frozen=True)
@@ -328,32 +328,31 @@ def retention_table(rows: list[dict], budgets=BUDGETS, methods=METHODS) -> str:
     by_key = {(r["method"], r["budget"]): r for r in rows}
     lines = []
     for metric, title in METRICS.items():
-        lines += [
-            f"| {title} | " + " | ".join(f"K={b}" for b in budgets) + " |",
-            "|---|" + "---|" * len(budgets),
-        ]
-        for m in methods:
-            lines.append(
-                f"| {m} | " + " | ".join(f"{by_key[m, b][metric]:.3f}" for b in budgets) + " |"
-            )
-        lines.append("")
-    return "\n".join(lines[:-1])
+        rows = [[m, *(f"{by_key[m, b][metric]:.3f}" for b in budgets)] for m in methods]
+        lines.append(markdown_table([title, *(f"K={b}" for b in budgets)], rows))
+    return "\n\n".join(lines)
 
 
 def cost_table(rows: list[dict]) -> str:
     """Markdown: per prompt length, total ms per prefill (all layers) and the ratios."""
-    lines = [
-        "| n | snapkv_scores ms | bacon_scores ms | ratio "
-        "| SnapKV keep ms | BACON keep ms | ratio | window_attention ms |",
-        "|---|---|---|---|---|---|---|---|",
+    header = (
+        "n", "snapkv_scores ms", "bacon_scores ms", "ratio", "SnapKV keep ms", "BACON keep ms",
+        "ratio", "window_attention ms",
+    )  # fmt: skip
+    cells = [
+        (
+            r["n"],
+            f"{r['snapkv_scores_ms']:.1f}",
+            f"{r['bacon_scores_ms']:.1f}",
+            f"{r['score_ratio']:.2f}",
+            f"{r['keep_snapkv_ms']:.1f}",
+            f"{r['keep_bacon_ms']:.1f}",
+            f"{r['keep_ratio']:.2f}",
+            f"{r['window_attention_ms']:.0f}",
+        )  # fmt: skip
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['n']} | {r['snapkv_scores_ms']:.1f} | {r['bacon_scores_ms']:.1f} "
-            f"| {r['score_ratio']:.2f} | {r['keep_snapkv_ms']:.1f} | {r['keep_bacon_ms']:.1f} "
-            f"| {r['keep_ratio']:.2f} | {r['window_attention_ms']:.0f} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(header, cells)
 
 
 def plot(rows: list[dict], path: Path, budgets=BUDGETS, methods=METHODS) -> bool:
@@ -400,13 +399,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="small scene, 2 seeds, no cost")
     parser.add_argument("--no-cost", action="store_true", help="skip the timing")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, help="default: results/<date>-<device>/")
     parser.add_argument(
         "--report-only",
         action="store_true",
         help="no run: rewrite evidence_retention.md from evidence_retention.json in --out",
     )
     args = parser.parse_args()
+    if args.out is None:
+        done = args.report_only
+        args.out = (
+            latest_result("evidence_retention.json").parent if done else results_dir(machine())
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "evidence_retention_quick" if args.quick else "evidence_retention"
     json_path = args.out / f"{stem}.json"

@@ -4,7 +4,7 @@ report.
 Steps (``--steps``, all by default):
 
 1. ``kernel-tests``: the Triton kernel tests, compiled for the GPU (``TRITON_INTERPRET=0``).
-2. ``kernel-bench``: ``benchmarks/kernels.py`` at Qwen2-VL-7B's shapes, with bandwidth-bound
+2. ``kernel-bench``: ``benchmarks/kernel_bench.py`` at Qwen2-VL-7B's shapes, with bandwidth-bound
    ratios: the score kernel's time over one read of K at the device's measured read
    bandwidth, and the compaction's time over a plain copy of the same bytes (1.0 = as fast
    as moving the data once).
@@ -39,6 +39,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import machine
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -164,9 +166,9 @@ def read_bandwidth_gbps(nbytes: int = 1 << 30, repeats: int = 20) -> float:
 
 
 def bound_ratios(rows: list[dict], read_gbps: float) -> list[dict]:
-    """Per kernel row of ``benchmarks/kernels.py``: its time over the time of moving its
+    """Per kernel row of ``benchmarks/kernel_bench.py``: its time over the time of moving its
     bytes once (score kernels: one read of K at ``read_gbps``; compaction: the plain copy
-    kernels.py timed). 1.0 is bandwidth-bound; rows without a Triton time are skipped."""
+    kernel_bench.py timed). 1.0 is bandwidth-bound; rows without a Triton time are skipped."""
     out = []
     for row in rows:
         if row.get("triton_ms") is None:
@@ -187,7 +189,7 @@ def bound_ratios(rows: list[dict], read_gbps: float) -> list[dict]:
 
 def kernel_bench(args: argparse.Namespace, workdir: Path) -> dict:
     path = workdir / "kernels_gpu.json"
-    argv = [sys.executable, "benchmarks/kernels.py", "--json", str(path)]
+    argv = [sys.executable, "benchmarks/kernel_bench.py", "--json", str(path)]
     step = run_step("kernel-bench", argv, args.step_timeout)
     if step["ok"]:
         rows = json.loads(path.read_text())["rows"]
@@ -221,11 +223,13 @@ def compression_cost(args: argparse.Namespace, workdir: Path) -> dict:
     return step
 
 
-def machine() -> dict:
+def gpu_machine() -> dict:
+    """:func:`common.machine` plus the GPU's compute capability, torch and CUDA versions and
+    the time of the run."""
     import torch
 
     return {
-        "gpu": torch.cuda.get_device_name(),
+        **machine(),
         "capability": list(torch.cuda.get_device_capability()),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -252,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or default_report_path()
     workdir = out.parent
-    report = {"machine": machine(), "steps": []}
+    report = {"machine": gpu_machine(), "steps": []}
     start = time.perf_counter()
     for name in args.steps:
         if name == "kernel-tests":

@@ -448,7 +448,7 @@ def step_commands(python: str, out: Path, layers: int) -> dict[str, list[str]]:
     }  # fmt: skip
 
 
-def machine(python: str) -> dict:
+def versions_of(python: str) -> dict:
     """GPU, torch, Triton, transformers and Python versions as ``python`` sees them."""
     code = (
         "import json, platform, torch, triton, transformers\n"
@@ -471,7 +471,7 @@ def run(args: argparse.Namespace) -> dict:
     env = {**os.environ, **SERVER_ENV, "BACON_E2E_LAYERS": str(args.layers)}
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine(args.python),
+        "machine": versions_of(args.python),
         "kit": {"problems": check(args.kit)},
         "server_env": SERVER_ENV,
         "server_args": SERVER_ARGS,

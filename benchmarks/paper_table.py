@@ -42,7 +42,7 @@ from pathlib import Path
 
 import accuracy
 import torch
-from serving import add_task_arguments, machine, results_dir, task_model_path
+from common import add_task_arguments, machine, progress, results_dir, task_model_path
 
 from bacon_sglang.models import train, visual_heads, vqa
 from bacon_sglang.policies import BACON, SparseMM, make_policy
@@ -130,7 +130,7 @@ def offline_rows(model_path: Path, samples, methods, budgets, policies=None) -> 
     kv_heads, layers = text_config.num_key_value_heads, text_config.num_hidden_layers
     out = {(m, b): {"answers": [], "slots": []} for m in methods for b in budgets}
     out[(NO_IMAGE, None)] = {"answers": [], "slots": []}
-    for i, s in enumerate(samples):
+    for i, s in enumerate(progress(samples, what="offline rows")):
         inputs = train.make_batch(tokenizer, [s], with_answers=False).inputs()
         windows = window_attentions(eager, inputs, WINDOW)
         full = prefill(model, inputs)

@@ -35,6 +35,7 @@ import threading
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 import requests
 import serving
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report_only:
         path = args.out / "prefix_reuse.json" if args.out else None
-        path = path or serving.latest_result("prefix_reuse.json")
+        path = path or common.latest_result("prefix_reuse.json")
         result = json.loads(path.read_text())
         (path.parent / "prefix_reuse.md").write_text(tables(result) + "\n")
         plot(result, path.parent / "prefix_reuse.png")
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_path)
-    info = serving.machine()
+    info = common.machine()
     print(report.markdown([], COLUMNS), flush=True)
     runs = [run_config(c, args, model_path, processor) for c in args.configs]
     result = {
@@ -383,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     add_ratios(result)
     result["seconds"] = time.perf_counter() - start
-    out = args.out or serving.results_dir(info)
+    out = args.out or common.results_dir(info)
     write(result, out)
     print("\n" + tables(result))
     print(f"\n{result['seconds']:.0f} s; wrote {out}")

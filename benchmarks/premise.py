@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from serving import add_task_arguments, machine, results_dir, task_model_path
+from common import add_task_arguments, machine, results_dir, task_model_path
 
 from bacon_sglang import scoring
 from bacon_sglang.models import train, vqa

@@ -13,17 +13,18 @@ one its ``--report-only`` option uses), so a table never drifts from its data. T
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import sys
 from pathlib import Path
 
 import accuracy
+import common
 import compression_cost
 import demo_time
 import evidence_retention
 import gpu_kit
+import kernel_bench
 import paper_table
 import prefix_reuse
 import premise
@@ -31,20 +32,6 @@ import serving
 import soak
 
 from bacon_sglang.models import vqa
-
-
-def _benchmark_module(name: str):
-    """``benchmarks/<name>.py`` loaded by path: ``kernels`` is also the name of the repository's
-    kernel package and of a package SGLang depends on."""
-    spec = importlib.util.spec_from_file_location(
-        f"benchmark_{name}", Path(__file__).resolve().parent / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-kernels = _benchmark_module("kernels")
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -222,13 +209,13 @@ def evidence_section(path: Path) -> str:
 def kernels_section(paths: list[Path]) -> str:
     parts = [
         "## Kernels",
-        "`python benchmarks/kernels.py`: each kernel against its PyTorch reference on "
+        "`python benchmarks/kernel_bench.py`: each kernel against its PyTorch reference on "
         "Qwen2-VL-7B's shapes; on CPU only the references run (Triton needs a GPU). The GPU "
         "table is the one `python benchmarks/gpu_check.py --steps kernel-tests kernel-bench` "
         "wrote; its report (the compiled kernel tests' result, each row's time over moving "
         "its bytes once) is the newest `<date>-gpu/gpu_check.json`.",
     ]
-    return "\n\n".join(parts + runs(paths, kernels.render))
+    return "\n\n".join(parts + runs(paths, kernel_bench.render))
 
 
 def runs(paths: list[Path], render) -> list[str]:
@@ -254,7 +241,7 @@ def task_results(stem: str) -> list[Path]:
     found = []
     for task in TASKS:
         try:
-            found.append(serving.latest_result(f"{stem}_{task}.json"))
+            found.append(common.latest_result(f"{stem}_{task}.json"))
         except FileNotFoundError:
             continue
     return found
@@ -359,7 +346,7 @@ def soak_section(path: Path) -> str:
 
 def demo_timing() -> str:
     """The README's sentence on how long the demo takes (from the newest demo_time.json)."""
-    record = json.loads(serving.latest_result("demo_time.json").read_text())
+    record = json.loads(common.latest_result("demo_time.json").read_text())
     now = demo_time.medians(record)
     runs = f"median of {now['runs']} runs" if now["runs"] > 1 else "1 run"
     text = (
@@ -382,7 +369,7 @@ def demo_timing() -> str:
 def demo_output() -> str:
     """What the demo printed in the newest default run, as a code block (the model path
     shortened: it names the machine's checkout)."""
-    record = json.loads(serving.latest_result("demo_time.json").read_text())
+    record = json.loads(common.latest_result("demo_time.json").read_text())
     run = [r for r in record["runs"] if not r["env"]][-1]
     lines = [re.sub(r"with \S*/bacon_sglang/", "with .../bacon_sglang/", x) for x in run["output"]]
     return "```\n" + "\n".join(lines) + "\n```"
@@ -398,8 +385,8 @@ def run_tables() -> dict[Path, str]:
         "serving_workers_run2.json": serving.tables,
         "demo_time.json": demo_time.render,
         "evidence_retention.json": evidence_retention.render,
-        "kernels_cpu.json": kernels.render,
-        "kernels_gpu.json": kernels.render,
+        "kernels_cpu.json": kernel_bench.render,
+        "kernels_gpu.json": kernel_bench.render,
         "soak.json": soak.render,
         "gpu_kit.json": gpu_kit.render,
         "compression_cost_cpu.json": compression_cost.render,
@@ -421,17 +408,19 @@ def run_tables() -> dict[Path, str]:
 def results_readme() -> str:
     """The whole of ``benchmarks/results/README.md``."""
     sections = [
-        accuracy_section(serving.latest_result("accuracy.json")),
-        serving_section(serving.latest_result("serving.json")),
-        prefix_reuse_section(serving.latest_result("prefix_reuse.json")),
+        accuracy_section(common.latest_result("accuracy.json")),
+        serving_section(common.latest_result("serving.json")),
+        prefix_reuse_section(common.latest_result("prefix_reuse.json")),
         scale_out_section(sorted(RESULTS.glob("*/serving_workers*.json"))),
         premise_section(),
         paper_table_section(),
-        evidence_section(RESULTS / "evidence_retention.json"),
-        kernels_section(sorted(RESULTS.glob("kernels_*.json"))),
-        compression_cost_section(sorted(RESULTS.glob("**/compression_cost_*.json"))),
-        demo_section(serving.latest_result("demo_time.json")),
-        soak_section(serving.latest_result("soak.json")),
+        evidence_section(common.latest_result("evidence_retention.json")),
+        kernels_section(common.latest_results("kernels_cpu.json", "kernels_gpu.json")),
+        compression_cost_section(
+            common.latest_results("compression_cost_cpu.json", "compression_cost_gpu.json")
+        ),
+        demo_section(common.latest_result("demo_time.json")),
+        soak_section(common.latest_result("soak.json")),
     ]
     head = (
         "# Benchmark results\n\n"
@@ -451,9 +440,9 @@ def rows_by(rows: list[dict], key: str, value) -> dict[str, dict]:
 
 def summary() -> str:
     """The README's results table: one line per headline number, each linking to its table."""
-    acc = json.loads(serving.latest_result("accuracy.json").read_text())
-    srv = json.loads(serving.latest_result("serving.json").read_text())
-    evid = json.loads((RESULTS / "evidence_retention.json").read_text())
+    acc = json.loads(common.latest_result("accuracy.json").read_text())
+    srv = json.loads(common.latest_result("serving.json").read_text())
+    evid = json.loads(common.latest_result("evidence_retention.json").read_text())
     page = "benchmarks/results/README.md"
     link = {
         "serving": page + anchor("Serving (closed loop)"),
@@ -515,7 +504,7 @@ def summary() -> str:
     line(
         f"exact match, shapes task, budget {budget_text} (n={acc['questions']})", exact, "accuracy"
     )
-    table = json.loads(serving.latest_result("paper_table_doc.json").read_text())
+    table = json.loads(common.latest_result("paper_table_doc.json").read_text())
     cell = {(r["method"], r["budget"]): r["exact_match"] for r in table["rows"]}
     doc = {"none": f"{cell[('full', None)]:.3f}"}
     for p, method in (("snapkv", "snapkv"), ("bacon", "bacon-snapkv")):
@@ -537,7 +526,7 @@ def summary() -> str:
         for p, m in (("snapkv", "snapkv"), ("bacon", "bacon-1d"))
     }
     line(f"evidence recall at K = {' / '.join(map(str, ks))} (synthetic)", recall, "evidence")
-    reuse = json.loads(serving.latest_result("prefix_reuse.json").read_text())
+    reuse = json.loads(common.latest_result("prefix_reuse.json").read_text())
     follow = {r["config"]: r for r in reuse["rows"] if r["workload"] == "questions"}
     line(
         "prompt tokens prefilled per follow-up question (BACON: in place / full prompts cached)",

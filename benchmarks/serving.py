@@ -43,12 +43,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import math
 import os
-import platform
-import re
 import shlex
 import sys
 import time
@@ -57,6 +54,7 @@ from pathlib import Path
 
 import requests
 import serving_report as report
+from common import latest_result, machine, results_dir
 from serving_client import (
     Sampler,
     Workload,
@@ -69,7 +67,6 @@ from serving_client import (
 
 from bacon_sglang.server import cpu_engine, running_server
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MAX_BURST = 512
 # (CPU engine + built-in model, GPU) defaults; --smoke overrides on top of them.
 DEFAULTS = {
@@ -308,50 +305,6 @@ def model_or_tiny(model_path: str | None) -> str:
     from bacon_sglang.models.tiny import ensure_tiny_model
 
     return str(ensure_tiny_model())
-
-
-def add_task_arguments(parser: argparse.ArgumentParser) -> None:
-    """The VQA benchmarks' ``--task`` and ``--model-path`` (see :func:`task_model_path`)."""
-    parser.add_argument("--task", choices=("shapes", "doc"), default="shapes")
-    parser.add_argument(
-        "--model-path", type=lambda p: Path(p).resolve(), help="default: the task's shipped model"
-    )
-
-
-def task_model_path(args: argparse.Namespace) -> Path:
-    """``--model-path``, or the shipped model trained on ``--task``."""
-    from bacon_sglang.models import vqa
-
-    return args.model_path or vqa.shipped_model(args.task)
-
-
-def machine() -> dict:
-    """What the numbers were taken on."""
-    cpu = platform.processor() or platform.machine()
-    with open("/proc/cpuinfo") as f:
-        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    cpu = names[0] if names else cpu
-    gpu = None
-    if not cpu_engine():
-        import torch
-
-        gpu = torch.cuda.get_device_name()
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version()}
-
-
-def results_dir(info: dict) -> Path:
-    """``benchmarks/results/<date>-<device>``, e.g. ``2026-11-25-cpu-2core``."""
-    device = info["gpu"] or f"cpu-{info['cores']}core"
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    return RESULTS / f"{datetime.date.today().isoformat()}-{slug}"
-
-
-def latest_result(name: str) -> Path:
-    """The newest ``benchmarks/results/<date>-<device>/<name>`` (folder names sort by date)."""
-    found = sorted(RESULTS.glob(f"*/{name}"), key=lambda p: p.parent.name)
-    if not found:
-        raise FileNotFoundError(f"no {RESULTS}/*/{name}: run the benchmark first")
-    return found[-1]
 
 
 def scale_out_rows(policies: list[dict]) -> list[dict]:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import psutil
 import requests
-from serving import machine, results_dir
+from common import machine, markdown_table, results_dir
 from serving_client import grid_image
 
 from bacon_sglang.demo import image_data_url, kv_memory
@@ -286,23 +286,30 @@ def run(model_path: str, tp: int, requests_total: int, minutes: float, seed: int
 
 def render(result: dict) -> str:
     """The soak's Markdown table."""
-    lines = [
-        "| server | requests | seconds | 5xx / dropped | bad inputs refused | controls equal "
-        "to solo (retracted) | pool whole at idle | stashed at idle | RSS MiB (first 100 -> "
-        "last) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = (
+        "server", "requests", "seconds", "5xx / dropped", "bad inputs refused",
+        "controls equal to solo (retracted)", "pool whole at idle", "stashed at idle",
+        "RSS MiB (first 100 -> last)",
+    )  # fmt: skip
+    rows = []
     for r in result["runs"]:
         bad = r["by_kind"].get("bad_override", 0) + r["by_kind"].get("bad_image", 0)
         pool = r["pool"]
         whole = pool["available"] + pool["evictable"] == pool["total"] and not pool["protected"]
-        lines.append(
-            f"| TP={r['tp']} | {r['requests']} | {r['seconds']} | {r['server_errors']} | "
-            f"{bad - r['bad_accepted']} of {bad} | {r['controls_equal']} of {r['controls']} "
-            f"({r['controls_retracted']}) | "
-            f"{'yes' if whole else 'no'} | {r['stashed_requests']} | "
-            f"{r['rss_mb'].get('first_100')} -> {r['rss_mb'].get('last')} |"
+        rows.append(
+            (
+                f"TP={r['tp']}",
+                r["requests"],
+                r["seconds"],
+                r["server_errors"],
+                f"{bad - r['bad_accepted']} of {bad}",
+                f"{r['controls_equal']} of {r['controls']} ({r['controls_retracted']})",
+                "yes" if whole else "no",
+                r["stashed_requests"],
+                f"{r['rss_mb'].get('first_100')} -> {r['rss_mb'].get('last')}",
+            )  # fmt: skip
         )
+    lines = [markdown_table(header, rows)]
     for r in result["runs"]:
         verdict = "; ".join(r["problems"]) or "passed"
         lines.append(f"\nTP={r['tp']}: {verdict}. Requests by kind: {r['by_kind']}.")

@@ -2,7 +2,7 @@
 
 Each function has one signature and two backends:
 
-- ``"triton"``: the kernels of this folder (``window_scores.py``, ``calibration.py``,
+- ``"triton"``: the kernels of this folder (``score_kernels.py``, ``calibration.py``,
   ``compaction.py``); runs on CUDA tensors, and on CPU tensors when the kernels were defined
   under ``TRITON_INTERPRET=1`` (Triton's interpreter, how the tests run them).
 - ``"torch"``: the references of :mod:`bacon_sglang.paged`, per request in plain PyTorch.
@@ -69,10 +69,7 @@ Backend = Literal["triton", "torch"]
 
 
 def _kernel_module(name: str) -> ModuleType:
-    module = importlib.import_module(f"{__name__}.{name}")
-    # importing the submodule window_scores rebinds that name on this package: undo it
-    globals()["window_scores"] = _window_scores
-    return module
+    return importlib.import_module(f"{__name__}.{name}")
 
 
 def interpreted() -> bool:
@@ -121,10 +118,7 @@ def window_scores(
     """
     if pick_backend(q, backend) == "torch":
         return paged.window_scores(q, q_indptr, k_buffer, index, scale, lse)
-    return _kernel_module("window_scores").window_scores(q, q_indptr, k_buffer, index, scale, lse)
-
-
-_window_scores = window_scores
+    return _kernel_module("score_kernels").window_scores(q, q_indptr, k_buffer, index, scale, lse)
 
 
 def calibrate(

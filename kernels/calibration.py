@@ -215,7 +215,7 @@ def calibrate_layers(
     the evidence of layers ``l - history .. l - 1`` of the same pass.
 
     Args:
-        window_scores: :func:`~.window_scores.layer_window_scores`, ``[layers, sum_n, Hkv]``.
+        window_scores: :func:`~.score_kernels.layer_window_scores`, ``[layers, sum_n, Hkv]``.
         q_indptr: ``[B + 1]`` window rows per request, on the CPU.
         budget, first_candidate, options: as :func:`calibrate` (``pool_kernel``, ...).
 
@@ -236,7 +236,7 @@ def pool_layers(
     """SnapKV's score ``B = avgpool(mean)`` (step 1) of every layer at once, one launch.
 
     Args:
-        window_scores: ``[layers, sum_n, Hkv]`` (:func:`~.window_scores.layer_window_scores`).
+        window_scores: ``[layers, sum_n, Hkv]`` (:func:`~.score_kernels.layer_window_scores`).
         q_indptr: ``[B + 1]`` window rows per request, on the CPU.
 
     Returns:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from bacon_sglang.paged import KVIndex
 
-from .window_scores import layer_table, slot_of
+from .score_kernels import layer_table, slot_of
 
 _INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -77,7 +77,7 @@ def _compact_kernel(
 
 def _layer_offsets(buffers: Sequence[Tensor]) -> tuple[Tensor, Tensor, tuple[int, ...], int]:
     """The first layer's buffer viewed as integers of the element's width (the kernel's base
-    pointer), then :func:`~.window_scores.layer_table`'s offsets, strides and alignment."""
+    pointer), then :func:`~.score_kernels.layer_table`'s offsets, strides and alignment."""
     size = buffers[0].dtype.itemsize
     if size not in _INT_OF_WIDTH:
         raise ValueError(f"unsupported K/V dtype {buffers[0].dtype}")

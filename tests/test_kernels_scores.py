@@ -109,7 +109,7 @@ def test_window_scores_match_reference(device, dtype, heads, head_dim, page_size
 @pytest.mark.parametrize("split", [64, 128])
 def test_window_scores_key_splits(device, split):
     """Rows spread over several key splits are combined exactly (pass 1 -> pass 2)."""
-    from bacon_sglang.kernels.window_scores import window_scores
+    from bacon_sglang.kernels.score_kernels import window_scores
 
     q, q_indptr, k_buffer, index = make_batch(
         LENS, 4, 2, 64, 16, "req_to_token", torch.float32, device, seed=split

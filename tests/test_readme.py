@@ -106,7 +106,7 @@ def test_generated_results_are_up_to_date():
                 "accuracy",
                 "serving",
                 "evidence_retention",
-                "kernels",
+                "kernel_bench",
                 "demo_time",
                 "prefix_reuse",
                 "soak",

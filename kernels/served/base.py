@@ -65,9 +65,9 @@ class PrefillBatch(NamedTuple):
 
 def window_scores(batch: PrefillBatch) -> WindowScores:
     """Column scores of every layer's window attention, ``[layers, sum_n, Hkv]`` (two
-    launches: :func:`bacon_sglang.kernels.window_scores.layer_window_scores`)."""
+    launches: :func:`bacon_sglang.kernels.score_kernels.layer_window_scores`)."""
     if batch.on_triton():
-        from ..window_scores import layer_window_scores
+        from ..score_kernels import layer_window_scores
 
         return layer_window_scores(batch.q, batch.q_indptr(), batch.k_buffers, batch.index,
                                    batch.scale)  # fmt: skip

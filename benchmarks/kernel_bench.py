@@ -20,9 +20,9 @@ speed-up over the reference, as a table, and writes the same rows as JSON.
 
 On CPU only the references run (Triton kernels need a GPU; the interpreter is for tests):
 
-    python benchmarks/kernels.py                   # CPU: sizes up to --max-tokens
-    python benchmarks/kernels.py --n 1024 --batch 1 8
-    python benchmarks/kernels.py --report-only     # kernels_<device>.md again from the JSON
+    python benchmarks/kernel_bench.py                   # CPU: sizes up to --max-tokens
+    python benchmarks/kernel_bench.py --n 1024 --batch 1 8
+    python benchmarks/kernel_bench.py --report-only     # kernels_<device>.md again from the JSON
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from common import machine, markdown_table, results_dir
 
 from bacon_sglang import kernels, paged
 
 Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS, WINDOW, BUDGET = 28, 4, 128, 28, 32, 64
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:
@@ -205,15 +205,15 @@ def render(report: dict) -> str:
     lines = [
         f"{report['device']}, torch {report['torch']}; shape: {report['shape']}",
         "",
-        "| " + " | ".join(h for _, h, _ in MARKDOWN_COLUMNS) + " |",
-        "|" + "---|" * len(MARKDOWN_COLUMNS),
     ]
-    for row in report["rows"]:
-        cells = [
+    cells = [
+        [
             "-" if row.get(name) is None else fmt.format(row[name])
             for name, _, fmt in MARKDOWN_COLUMNS
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        for row in report["rows"]
+    ]
+    lines.append(markdown_table([h for _, h, _ in MARKDOWN_COLUMNS], cells))
     return "\n".join(lines)
 
 
@@ -245,7 +245,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     cpu = args.device == "cpu"
-    path = args.json or RESULTS / f"kernels_{'cpu' if cpu else 'gpu'}.json"
+    path = args.json or results_dir(machine()) / f"kernels_{'cpu' if cpu else 'gpu'}.json"
     if args.report_only:
         write_report(json.loads(path.read_text()), path)
         return
