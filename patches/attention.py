@@ -66,8 +66,8 @@ def after_attention_forward(result, backend, *args, **kwargs):
                 finally:
                     runtime.forward = None
     except Exception as exc:  # noqa: BLE001 - one request's failure must not end the server
-        runtime.forward = None
-        scheduler_patch.contain_forward_failure(runtime, exc, runtime.compacting)
+        compacting, runtime.forward, runtime.compacting = runtime.compacting, None, False
+        scheduler_patch.contain_forward_failure(runtime, exc, compacting)
     return result
 
 
@@ -103,10 +103,8 @@ def compress(runtime, windows: ForwardWindows, scale: float) -> None:
     index = KVIndex.from_rows([c.slots for c in plans])
     dst = KVIndex.from_rows([c.destination() for c in plans])
     runtime.compacting = True  # from here on, a failure may leave KV half moved
-    try:
-        kernels.compact(pool.k_buffer, pool.v_buffer, index, prefix_lens, keep, keep_indptr, dst)
-    finally:
-        runtime.compacting = False
+    kernels.compact(pool.k_buffer, pool.v_buffer, index, prefix_lens, keep, keep_indptr, dst)
+    runtime.compacting = False
 
 
 HOOKS = [

@@ -215,7 +215,9 @@ def _hook_setup(gen, layers, device):
     pad = torch.zeros(64, kv_heads, dim)
     pool = SimpleNamespace(k_buffer=[torch.cat([k, pad]).to(device) for k in keys],
                            v_buffer=[torch.cat([v, pad]).to(device) for v in values])  # fmt: skip
-    runtime = SimpleNamespace(plan=plan, forward=None, num_layers=layers, kv_pool=pool)
+    runtime = SimpleNamespace(
+        plan=plan, forward=None, num_layers=layers, kv_pool=pool, compacting=False
+    )
     return runtime, [q.to(device) for q in qs], references, (heads, dim), keys
 
 
@@ -236,7 +238,8 @@ def _forward(runtime, qs, heads, dim):
 def test_attention_hook_runs_one_pass_and_drops_its_buffer(kernel_device, one_thread, monkeypatch):
     """``patches/attention.py`` on a fake runtime: per layer only the buffer copy, after the
     last layer the keep-sets of the per-request references, K/V compacted in place, the
-    middle chunk's rows stashed, and the forward's buffer dropped, also when the pass fails."""
+    middle chunk's rows stashed, and the forward's buffer dropped, also when the pass fails
+    (the failure handed to the scheduler's containment, saying whether KV may have moved)."""
     from bacon_sglang.patches import scheduler as scheduler_patch
 
     gen = torch.Generator().manual_seed(3)
@@ -253,13 +256,24 @@ def test_attention_hook_runs_one_pass_and_drops_its_buffer(kernel_device, one_th
     torch.testing.assert_close(stash[:, :, 0, :].cpu(), torch.stack(
         [q[-16:, :dim].cpu() for q in qs]), rtol=0, atol=0)  # fmt: skip
 
-    runtime, qs, *_ = _hook_setup(gen, 5, kernel_device)
-    monkeypatch.setattr(scheduler_patch, "RUNTIME", runtime)
+    contained = []
+    monkeypatch.setattr(
+        scheduler_patch,
+        "contain_forward_failure",
+        lambda runtime, error, compacting: contained.append((str(error), compacting)),
+    )
 
-    def fail(policy, batch):
+    def fail(*args, **kwargs):
         raise RuntimeError("pass failed")
 
-    monkeypatch.setattr(served, "keep_sets", fail)
-    with pytest.raises(RuntimeError, match="pass failed"):
-        _forward(runtime, qs, heads, dim)
-    assert runtime.forward is None
+    from bacon_sglang import kernels
+
+    for target, name in ((served, "keep_sets"), (kernels, "compact")):
+        runtime, qs, *_ = _hook_setup(gen, 5, kernel_device)
+        monkeypatch.setattr(scheduler_patch, "RUNTIME", runtime)
+        with monkeypatch.context() as m:
+            m.setattr(target, name, fail)
+            _forward(runtime, qs, heads, dim)  # contained: the forward goes on
+        assert runtime.forward is None and not runtime.compacting
+    # scoring failed before any KV moved; compaction may have moved some
+    assert contained == [("pass failed", False), ("pass failed", True)]
