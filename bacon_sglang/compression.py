@@ -10,19 +10,29 @@ The data path, one step per function::
                    ──> compaction of every layer, in place or a copy (kernels.compact)
     scheduler       ──> slots [ceil(P + kept), L) freed, KV length P + kept
 
-The ranges of one request's ``req_to_token`` row (positions, not slots)::
+The project's one picture of a request's ``req_to_token`` row after its prefill (positions,
+not slots; every other document links here). With a copy, the default
+(``--kv-prefix-cache full`` and the radix cache on)::
 
-    0 ............ P-1 | P ............. P+kept-1 | P+kept ........ L-1 | L ...
-    shared prefix      | private, kept           | private, evicted   | generated
-    (radix tree: never | (K/V of the kept tokens | (slots freed to the | (decode writes
-     touched or freed) |  of each head, moved    |  allocator, whole  |  at P+kept+t,
-                       |  here in order)         |  pages)            |  position L+t)
+    positions   0 ...... S-1 | S ........ S+kept-1 | S+kept ...
+                shared text  | compressed copy     | generated: KV slot S+kept+t,
+                (tree,       | (fresh private      |   rotary position L+t
+                 locked)     |  slots: each head's |
+                             |  kept K/V in order) |
+    radix tree  [0, floor(L)): the prompt's full KV, locked up to S, evictable beyond;
+                the tail [floor(L), L) of a partial page is freed
 
-``kept`` counts the observation window (the last ``w`` prompt tokens, always kept).
+Compacted in place (``--kv-prefix-cache shared``, or no room for a copy)::
 
-With a copy (``--kv-prefix-cache full``), the kept K/V go to ``copy_slots`` instead, the
-request's row is pointed at them for ``[P, P + kept)``, and the slots of ``[P, L)`` stay
-untouched, for the radix tree (``patches/radix_cache.py`` draws the picture).
+    positions   0 ...... P-1 | P ........ P+kept-1 | P+kept ..... L-1 | L ...
+                shared prefix| private, kept       | private, evicted| generated: KV slot
+                (radix tree: | (each head's kept   | (slots freed,   |   P+kept+t, rotary
+                 untouched)  |  K/V, in order)     |  whole pages)   |   position L+t)
+
+``S`` is 0, or with ``--kv-text-prefix share`` the text before the first image (whole pages);
+``P`` is ``S`` or what the request matched in the radix tree, whichever is longer. ``kept``
+counts the observation window (the last ``w`` prompt tokens, always kept). ``L`` is the
+prompt's length; decode positions are logical (``patches/forward_batch.py``).
 """
 
 from __future__ import annotations

@@ -357,12 +357,9 @@ def compact(
     """Move each request's kept tokens to the front of its private slots, head by head, in
     every layer, in place (or, with ``dst``, into other slots).
 
-    One request, one layer, one KV head ``h``, row = the request's slot ids::
-
-        positions  0 ....... P-1 | P ........ P+B-1 | P+B ......... L-1
-                   shared prefix | kept tokens land   | freed by the caller
-                   never touched | here, in order     | afterwards (not touched)
-
+    Per request, layer and KV head ``h`` (row = the request's slot ids): positions
+    ``[0, P)`` are never touched, the kept tokens land at ``[P, P + B)`` in order, ``[P + B,
+    L)`` is left for the caller to free (the row's picture: ``bacon_sglang/compression.py``).
     K and V of position ``keep[l, h, j]`` go to slot ``row[P + j]`` (head ``h`` only), as if
     all sources were read before any write. Other slots, other heads' bytes: unchanged.
 

@@ -14,10 +14,7 @@ uncompressed KV, and the request decodes from a private compressed copy::
                           from the end of the prompt to the end of its shared text S;
                           req_to_token[row, S:S+kept] = copy slots
 
-    row positions   0 ....... S-1 | S .......... S+kept-1 | S+kept ...
-                    shared text   | compressed copy      | generated
-                    (tree, locked)| (private)            | (private)
-    radix tree      [0, floor(L)) full KV: locked up to S, evictable beyond
+The row and the tree afterwards: the picture in ``bacon_sglang/compression.py``.
 
 So the next question about the same image (or the next turn of a chat) matches the full
 prompt, and scores its own window over exact, uncompressed keys.

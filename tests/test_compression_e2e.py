@@ -448,8 +448,8 @@ def test_text_before_the_first_image_is_shared_or_compressed(
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"policy": "bogus"}, "--kv-policy: unknown policy 'bogus'"),
-        ({"budget": 0}, "--kv-budget: must be positive"),
+        ({"policy": "bogus"}, "kv_compression.policy: must be one of none, snapkv, bacon"),
+        ({"budget": 0}, "kv_compression.budget: must be an integer >= 1"),
         ({"kv_bugdet": 64}, "unknown key 'kv_bugdet'"),
         ("bacon", "must be a JSON object"),
     ],
