@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.repeats is None:
         args.repeats = 2 if cpu else 10
-    torch.set_grad_enabled(False)
-    rows = run(args)
+    with torch.no_grad():  # not set_grad_enabled: a caller's (a test's) autograd stays on
+        rows = run(args)
     device = torch.cuda.get_device_name() if not cpu else "cpu"
     shape = {**SHAPES[args.shape], "window": WINDOW, "budget": BUDGET}
     shape["layers"] = args.layers or [shape["layers"]]

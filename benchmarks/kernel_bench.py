@@ -252,9 +252,8 @@ def main() -> None:
     args.max_tokens = args.max_tokens or (65536 if cpu else 1 << 30)
     args.max_pool_gb = args.max_pool_gb or (1.0 if cpu else 40.0)
     args.repeats = args.repeats or (5 if cpu else 20)
-    torch.set_grad_enabled(False)
-
-    rows = run(args)
+    with torch.no_grad():
+        rows = run(args)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     report = {
         "device": device,

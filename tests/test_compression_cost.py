@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import compression_cost  # noqa: E402
 
@@ -17,6 +19,7 @@ def test_compression_cost_smoke_run(tmp_path, one_thread, kernel_device):
     compression_cost.main(["--device", kernel_device, "--shape", "tiny", "--layers", "1", "5",
                            "--n", "80", "--batch", "1", "2", "--repeats", "1",
                            "--json", str(path)])  # fmt: skip
+    assert torch.is_grad_enabled()  # the run left the caller's autograd as it was
     report = json.loads(path.read_text())
     assert report["shape"]["layers"] == [1, 5]
     assert path.with_suffix(".md").read_text() == compression_cost.render(report) + "\n"
