@@ -41,7 +41,7 @@ from common import add_task_arguments, latest_result, machine, results_dir, task
 
 from bacon_sglang.config import POLICY_NAMES
 from bacon_sglang.demo import image_data_url
-from bacon_sglang.models import train, vqa
+from bacon_sglang.models import batches, vqa
 from bacon_sglang.reference import decode_with_keep_sets, kept_positions
 from bacon_sglang.server import running_server
 
@@ -77,7 +77,7 @@ def serve_one(
     if policy is not None:
         override = {"policy": policy} if budget is None else {"policy": policy, "budget": budget}
         sampling["custom_params"] = {"kv_compression": override}
-    body = {"text": train.prompt(s), "sampling_params": sampling}
+    body = {"text": batches.prompt(s), "sampling_params": sampling}
     if rid is not None:
         body["rid"] = rid
     if s.image is not None:
@@ -126,7 +126,7 @@ def offline_all(model_path, samples, pairs, debug_dir: Path, dtype: str) -> dict
     eos = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     answers = {}
     for i, s in enumerate(samples):
-        inputs = train.make_batch(tokenizer, [s], with_answers=False).inputs()
+        inputs = batches.make_batch(tokenizer, [s], with_answers=False).inputs()
         for p, b in pairs:
             rid = rid_of(p, b, i)
             keep = None

@@ -44,7 +44,7 @@ import accuracy
 import torch
 from common import add_task_arguments, machine, progress, results_dir, task_model_path
 
-from bacon_sglang.models import train, visual_heads, vqa
+from bacon_sglang.models import batches, visual_heads, vqa
 from bacon_sglang.policies import BACON, SparseMM, make_policy
 from bacon_sglang.reference import (
     decode_with_keep_sets,
@@ -131,7 +131,7 @@ def offline_rows(model_path: Path, samples, methods, budgets, policies=None) -> 
     out = {(m, b): {"answers": [], "slots": []} for m in methods for b in budgets}
     out[(NO_IMAGE, None)] = {"answers": [], "slots": []}
     for i, s in enumerate(progress(samples, what="offline rows")):
-        inputs = train.make_batch(tokenizer, [s], with_answers=False).inputs()
+        inputs = batches.make_batch(tokenizer, [s], with_answers=False).inputs()
         windows = window_attentions(eager, inputs, WINDOW)
         full = prefill(model, inputs)
         keep = text_only_keep(inputs, layers, kv_heads)
@@ -179,7 +179,7 @@ def full_cache_answers(model_path: Path, samples) -> list[str]:
     eos = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     out = []
     for s in samples:
-        inputs = train.make_batch(tokenizer, [s], with_answers=False).inputs()
+        inputs = batches.make_batch(tokenizer, [s], with_answers=False).inputs()
         tokens, _ = decode_with_keep_sets(model, inputs, None, MAX_NEW, stop=eos)
         out.append(tokenizer.decode(tokens, skip_special_tokens=True))
     return out
@@ -394,7 +394,7 @@ def _prompt_len(model_path: Path, s) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    return train.make_batch(tokenizer, [s], with_answers=False).input_ids.shape[1]
+    return batches.make_batch(tokenizer, [s], with_answers=False).input_ids.shape[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

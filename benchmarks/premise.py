@@ -35,7 +35,7 @@ import torch
 from common import add_task_arguments, machine, results_dir, task_model_path
 
 from bacon_sglang import scoring
-from bacon_sglang.models import train, vqa
+from bacon_sglang.models import batches, vqa
 from bacon_sglang.models.visual_heads import (
     evidence_positions,
     evidence_token_ids,
@@ -66,8 +66,8 @@ def recall(scores: torch.Tensor, evidence: list[int], k: int) -> torch.Tensor:
 @torch.no_grad()
 def question_recalls(model, tokenizer, s: vqa.VQASample, image_token: int) -> torch.Tensor:
     """``[layers, len(SCORES), len(KS)]`` evidence recall of one question (mean over heads)."""
-    batch = train.make_batch(tokenizer, [s], with_answers=True)
-    prompt_len = train.make_batch(tokenizer, [s], with_answers=False).input_ids.shape[1]
+    batch = batches.make_batch(tokenizer, [s], with_answers=True)
+    prompt_len = batches.make_batch(tokenizer, [s], with_answers=False).input_ids.shape[1]
     ids = batch.input_ids[0]
     evidence = evidence_positions(ids[:prompt_len], s, image_token)
     queries = predicting_positions(ids, evidence_token_ids(tokenizer, s), prompt_len)

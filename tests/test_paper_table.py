@@ -121,14 +121,14 @@ def test_merge_of_shards_recomputes_the_table(tmp_path):
 
 def test_full_cache_row_decodes_as_evaluate_does():
     """Two greedy decoders judge the document model: transformers' ``generate``
-    (``train.greedy_answers``: training's val numbers and ``models/evaluate.py``, by which a
+    (``batches.greedy_answers``: training's val numbers and ``training/evaluate.py``, by which a
     stage is shipped) and :func:`paper_table.full_cache_answers` (the table's full-cache row,
     the keep-set decoder with no keep-set). They must give the same answers, or the two
     numbers are not comparable."""
     import torch
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
-    from bacon_sglang.models import train, vqa
+    from bacon_sglang.models import batches, vqa
 
     samples = vqa.dataset("val", 6, start=40, task="doc")
     table = paper_table.full_cache_answers(vqa.DOC_MODEL_DIR, samples)
@@ -137,6 +137,6 @@ def test_full_cache_row_decodes_as_evaluate_does():
     ).eval()
     tokenizer = AutoTokenizer.from_pretrained(vqa.DOC_MODEL_DIR)
     with torch.no_grad():
-        generated = train.greedy_answers(model, tokenizer, samples, max_new=paper_table.MAX_NEW)
+        generated = batches.greedy_answers(model, tokenizer, samples, max_new=paper_table.MAX_NEW)
     assert table == generated
     assert sum(vqa.exact_match(a, s) for a, s in zip(table, samples, strict=True)) >= 3

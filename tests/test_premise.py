@@ -28,14 +28,14 @@ def test_recall_counts_evidence_in_each_heads_top_k():
 def test_evidence_positions_and_predicting_queries():
     from transformers import AutoTokenizer
 
-    from bacon_sglang.models import train
+    from bacon_sglang.models import batches
 
     tokenizer = AutoTokenizer.from_pretrained(vqa.MODEL_DIR)
     pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     s = vqa.sample("test", 0, task="doc")
-    batch = train.make_batch(tokenizer, [s])
+    batch = batches.make_batch(tokenizer, [s])
     ids = batch.input_ids[0]
-    prompt_len = train.make_batch(tokenizer, [s], with_answers=False).input_ids.shape[1]
+    prompt_len = batches.make_batch(tokenizer, [s], with_answers=False).input_ids.shape[1]
     positions = visual_heads.evidence_positions(ids[:prompt_len], s, pad)
     assert all(int(ids[p]) == pad for p in positions) and len(positions) == len(s.answer)
     queries = visual_heads.predicting_positions(
@@ -44,8 +44,8 @@ def test_evidence_positions_and_predicting_queries():
     # the answer's digits 2.. are predicted by the answer's digits 1..n-1
     assert [tokenizer.decode([int(ids[q + 1])]) for q in queries] == list(s.answer[1:])
     shapes = vqa.sample("test", 0)
-    ids = train.make_batch(tokenizer, [shapes]).input_ids[0]
-    n = train.make_batch(tokenizer, [shapes], with_answers=False).input_ids.shape[1]
+    ids = batches.make_batch(tokenizer, [shapes]).input_ids[0]
+    n = batches.make_batch(tokenizer, [shapes], with_answers=False).input_ids.shape[1]
     (q,) = visual_heads.predicting_positions(
         ids, visual_heads.evidence_token_ids(tokenizer, shapes), n
     )

@@ -9,7 +9,7 @@ import torch
 
 from bacon_sglang import reference
 from bacon_sglang.budgets import sparsemm_budgets
-from bacon_sglang.models import train, visual_heads, vqa
+from bacon_sglang.models import batches, visual_heads, vqa
 from bacon_sglang.policies import BACON, SparseMM
 from bacon_sglang.selection import KEEP_PAD
 
@@ -24,7 +24,7 @@ def models():
         ).eval()
 
     tokenizer = AutoTokenizer.from_pretrained(vqa.MODEL_DIR)
-    inputs = train.make_batch(tokenizer, [vqa.sample("test", 1)], with_answers=False).inputs()
+    inputs = batches.make_batch(tokenizer, [vqa.sample("test", 1)], with_answers=False).inputs()
     return load("sdpa"), load("eager"), inputs
 
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from bacon_sglang.models import tiny, train, vqa
+from bacon_sglang.models import batches, tiny, vqa
 from bacon_sglang.server import running_server
+from training import train
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # accuracy.py imports its sibling serving.py
@@ -103,7 +104,7 @@ def test_patchify_matches_the_processor(tiny_model_path):
     train.check_patchify(tiny_model_path)
 
 
-@pytest.mark.parametrize("task, layers", [("shapes", train.SPEC.num_hidden_layers), ("doc", 8)])
+@pytest.mark.parametrize("task, layers", [("shapes", batches.SPEC.num_hidden_layers), ("doc", 8)])
 def test_shipped_checkpoint_layout(task, layers):
     """Each shipped model is the tiny builder's files (one vision block, ``layers`` decoder
     layers) plus trained weights (bf16, < 50 MB, no optimiser state), its model card and

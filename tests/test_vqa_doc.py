@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
-from bacon_sglang.models import tiny, train, vqa
+from bacon_sglang.models import batches, tiny, vqa
+from training import train
 
 
 def _key(s: vqa.VQASample) -> tuple:
@@ -170,18 +172,18 @@ def test_doc_training_batch_supervises_every_coloured_word():
     s = vqa.sample("train", 7, task="doc", grid=10)
     turns = train.follow_ups(s, 10, seed=0)
     assert sorted([(s.question, s.answer), *turns]) == sorted(s.questions)
-    b = train.make_batch(tokenizer, [s], turns=[turns])
+    b = batches.make_batch(tokenizer, [s], turns=[turns])
     digits = torch.tensor([tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)])
     labels = b.labels[0][b.labels[0] != -100]
     assert int(torch.isin(labels, digits).sum()) == sum(len(a) for _, a in s.questions)
     assert int((b.input_ids == tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()) == 100
     logits = torch.nn.functional.one_hot(b.labels.clamp(min=0).roll(-1, 1), 1024).float()
-    assert train.evidence_match(logits, b.labels, 0, 0, digits) == 1.0
+    assert batches.evidence_match(logits, b.labels, 0, 0, digits) == 1.0
 
 
 def test_spec_of_sets_the_depth():
     spec = train.spec_of(argparse.Namespace(layers=8))
-    assert spec.num_hidden_layers == 8 and spec.vision_depth == train.SPEC.vision_depth
+    assert spec.num_hidden_layers == 8 and spec.vision_depth == batches.SPEC.vision_depth
 
 
 def test_curriculum_pages():
@@ -307,17 +309,17 @@ def test_cosine_probe_reads_directions_only():
 
 
 def test_ink_similarity_table():
-    """``python -m bacon_sglang.models.ink_similarity``: an ink x ink cosine table of one word's
+    """``python -m training.ink_similarity``: an ink x ink cosine table of one word's
     output tokens (symmetric, 1 on the diagonal, distinct inks not identical)."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    from bacon_sglang.models import ink_similarity
+    from training import ink_similarity
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(
         vqa.DOC_MODEL_DIR, dtype=torch.float32
     ).eval()
     tokens = ink_similarity.word_tokens(model, "red")
-    assert tokens.shape == (len(ink_similarity.WORD), train.SPEC.hidden_size)
+    assert tokens.shape == (len(ink_similarity.WORD), batches.SPEC.hidden_size)
     sim = ink_similarity.similarity(model)
     inks = list(vqa.COLOURS)
     assert all(sim[(a, a)] == pytest.approx(1.0, abs=1e-5) for a in inks)
@@ -336,9 +338,9 @@ def test_ink_similarity_table():
 
 
 def test_evaluate_counts_right_answers_per_question():
-    """``python -m bacon_sglang.models.evaluate``: its count equals greedy decoding checked
+    """``python -m training.evaluate``: its count equals greedy decoding checked
     against the expected answers, split per question."""
-    from bacon_sglang.models import evaluate
+    from training import evaluate
 
     result = evaluate.evaluate(vqa.DOC_MODEL_DIR, "doc", "val", 3, start=5)
     samples = vqa.dataset("val", 3, start=5, task="doc")
@@ -353,7 +355,7 @@ def test_evaluate_counts_right_answers_per_question():
 def test_mix_ups_name_the_word_answered_instead():
     """A wrong answer that is another coloured word of the page is tallied under that word's
     question; one that is none of them under ``NOT_ON_THE_PAGE``; right answers not at all."""
-    from bacon_sglang.models import evaluate
+    from training import evaluate
 
     s = vqa.sample("val", 7, task="doc")
     (other_q, other_a), *_ = [(q, a) for q, a in s.questions if q != s.question]
@@ -367,11 +369,12 @@ def test_mix_ups_name_the_word_answered_instead():
 
 
 def test_train_script_runs_five_stages_once_with_the_extra_flags(tmp_path):
-    """``tiny_doc/train.sh OUT FLAG...``: five stages in order, each with FLAGs, the ink probe
-    from stage 2 on (as the shipped run), stages 2-3 resuming OUT (stage 3 stopping at step
-    6,500) and 4-5 starting from the stage before; run again, it starts nothing (each stage is
-    skipped once its ``training.json`` reaches its steps). ``python`` is a stub that records each
-    training command and writes the steps it would reach."""
+    """``training/tiny_doc/train.sh OUT FLAG...``: five stages of ``python -m training.train``
+    in order, each with FLAGs, the ink probe from stage 2 on (as the shipped run), stages 2-3
+    resuming OUT (stage 3 stopping at step 6,500) and 4-5 starting from the stage before; run
+    again, it starts nothing (each stage is skipped once its ``training.json`` reaches its
+    steps). ``python`` is a stub that records each training command and writes the steps it
+    would reach."""
     import os
     import subprocess
     import sys
@@ -397,7 +400,7 @@ json.dump({{"steps": steps}}, open(os.path.join(out, "training.json"), "w"))
     )
     stub.chmod(0o755)
     env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}"}
-    script = vqa.DOC_MODEL_DIR / "train.sh"
+    script = Path(train.__file__).parent / "tiny_doc" / "train.sh"
     out = tmp_path / "run"
     for _ in range(2):
         subprocess.run(
@@ -406,6 +409,7 @@ json.dump({{"steps": steps}}, open(os.path.join(out, "training.json"), "w"))
         )  # fmt: skip
     outs, commands = zip(*(line.split("|") for line in log.read_text().splitlines()), strict=True)
     assert len(commands) == 5
+    assert all(c.startswith("-m training.train ") for c in commands)
     assert all(" --eval-n 12" in c for c in commands)
     probe = [" --ink-loss 1 --ink-probe-scale 16 " in c for c in commands]
     assert probe == [False, True, True, True, True]

@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-# The trained model shipped with the package (bacon_sglang/models/train.py wrote it).
+# The trained model shipped with the package (training/train.py wrote it).
 MODEL_DIR = Path(__file__).resolve().parent / "tiny_vqa"
 # The 8-layer model of the document task (its model card says how it is trained and installed).
 DOC_MODEL_DIR = Path(__file__).resolve().parent / "tiny_doc"

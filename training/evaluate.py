@@ -1,6 +1,6 @@
 """Full-cache exact match of a checkpoint on a split, wrong answers per question, mix-ups.
 
-    python -m bacon_sglang.models.evaluate bacon_sglang/models/tiny_doc --task doc --split val
+    python -m training.evaluate bacon_sglang/models/tiny_doc --task doc --split val   # repo root
 
 Greedy decoding by transformers (fp32 compute on the checkpoint's weights, full KV cache), one
 question at a time: the number a training stage is judged by before it is shipped (the test
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from bacon_sglang.models import train, vqa
+from bacon_sglang.models import vqa
+from bacon_sglang.models.batches import greedy_answers
 
 NOT_ON_THE_PAGE = "none of the page's coloured words"
 
@@ -44,7 +45,7 @@ def evaluate(model_dir: Path, task: str, split: str, n: int, start: int = 0) -> 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     samples = vqa.dataset(split, n, start=start, task=task)
     with torch.no_grad():
-        answers = train.greedy_answers(model, tokenizer, samples)
+        answers = greedy_answers(model, tokenizer, samples)
     right = [vqa.exact_match(a, s) for a, s in zip(answers, samples, strict=True)]
     return {
         "model": str(model_dir),

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# tiny_doc's training from scratch, stage after stage (see README.md next to this file).
-# Usage: bash bacon_sglang/models/tiny_doc/train.sh OUT [FLAG ...]   (from the repository root,
-# with the project's virtual environment active). Stages 1-3 save OUT, stages 4 and 5 OUT/stage4
-# and OUT/stage5 (the shipped model), resumably (trainer_state.pt); a stopped stage is continued
-# by running this script again with the same OUT and FLAGs. Stages 2-5 train with the cosine ink
-# probe (PROBE below). FLAGs (train.py's, for experiments) are added to every stage; the shipped
-# model was trained without any.
+# tiny_doc's training from scratch, stage after stage (see the model card,
+# bacon_sglang/models/tiny_doc/README.md). Usage: bash training/tiny_doc/train.sh OUT [FLAG ...]
+# (from the repository root, with the project's virtual environment active). Stages 1-3 save
+# OUT, stages 4 and 5 OUT/stage4 and OUT/stage5 (the shipped model), resumably
+# (trainer_state.pt); a stopped stage is continued by running this script again with the same
+# OUT and FLAGs. Stages 2-5 train with the cosine ink probe (PROBE below). FLAGs (train.py's,
+# for experiments) are added to every stage; the shipped model was trained without any.
 set -euo pipefail
 OUT=${1:?usage: train.sh OUT [FLAG ...]}
 shift
 EXTRA="$*"
-TRAIN="python -m bacon_sglang.models.train $OUT --task doc --layers 8 --small-batch 16
+TRAIN="python -m training.train $OUT --task doc --layers 8 --small-batch 16
   --batch 8 --follow-ups 6 --lr 1e-3 --warmup 50 --seed 0 --threads 2 --eval-n 48
   --save-minutes 10 $EXTRA"
 PROBE="--ink-loss 1 --ink-probe-scale 16"
@@ -42,7 +42,7 @@ fi
 # Stage 4: a new run from stage 3's saved (bf16) weights, fresh optimiser and schedule (lr 3e-4,
 # 20 warm-up steps, cosine over 3,000 steps), 16 x 16 pages only, train pages from index 88,000
 # (the 6,500 steps above used 0-85,599).
-FINE="python -m bacon_sglang.models.train --task doc --layers 8 --small-fraction 0 --batch 8
+FINE="python -m training.train --task doc --layers 8 --small-fraction 0 --batch 8
   --follow-ups 6 --warmup 20 --seed 0 --threads 2 --eval-n 96 --save-minutes 10 --log-every 10
   $PROBE $EXTRA"
 if [ "$(steps_done "$OUT/stage4")" -lt 3000 ]; then

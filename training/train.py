@@ -1,7 +1,7 @@
 """Train the tiny Qwen2-VL model on the synthetic sparse-evidence VQA task (CPU, or a GPU
-with ``--device cuda``).
+with ``--device cuda``), from the repository root:
 
-    python -m bacon_sglang.models.train OUT_DIR [--steps N] [--batch B] [--lr LR] [--seed S]
+    python -m training.train OUT_DIR [--steps N] [--batch B] [--lr LR] [--seed S]
 
 The model directory is first written by :func:`bacon_sglang.models.tiny.write_tiny_model`
 (same config keys, tokenizer, processor and chat template as the random tiny model, so SGLang
@@ -11,11 +11,12 @@ and transformers load it through the same code paths); training then replaces
 The model is built from the config with transformers' own initialisation (seeded) and trained
 with AdamW (linear warm-up, cosine decay), cross-entropy on the answer tokens only (the
 answer and its ``<|im_end|>``). Batches are rebuilt from ``(split, index)`` on the fly
-(:mod:`bacon_sglang.models.vqa`); pixels are patchified here exactly as
-``Qwen2VLImageProcessor`` does for a 448 x 448 image (no resize), which is several times
-faster than the processor (``check_patchify`` compares them). ``--prefetch N`` builds the
-batches of the next ``N`` steps in ``N`` worker processes (the same batches: each is a pure
-function of its step), for a GPU that would otherwise wait on the CPU.
+(:mod:`bacon_sglang.models.vqa`) by :mod:`bacon_sglang.models.batches`, whose pixels are
+patchified exactly as ``Qwen2VLImageProcessor`` does for a 448 x 448 image (no resize), which
+is several times faster than the processor (``check_patchify`` compares them).
+``--prefetch N`` builds the batches of the next ``N`` steps in ``N`` worker processes (the
+same batches: each is a pure function of its step), for a GPU that would otherwise wait on
+the CPU.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,67 +39,18 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from bacon_sglang.models import tiny, vqa
+from bacon_sglang.models.batches import (
+    SPEC,
+    Batch,
+    evidence_match,
+    greedy_answers,
+    make_batch,
+    patchify,
+)
 
 logger = logging.getLogger(__name__)
 
-# The tiny model's settings with a one-block vision tower (the shapes are told apart within
-# one 28 x 28 token; a second block doubled the step time without helping).
-SPEC = dataclasses.replace(tiny.DEFAULT_SPEC, vision_depth=1)
-SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-IMAGE_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
 TRAINER_STATE = "trainer_state.pt"  # optimiser etc. of a checkpoint (``--resume``)
-
-
-def prompt(sample: vqa.VQASample) -> str:
-    """The chat-template text of ``sample``'s question (Qwen2-VL's template, one user turn,
-    generation prompt added); the image slot holds one ``<|image_pad|>`` placeholder."""
-    image = IMAGE_SLOT if sample.image is not None else ""
-    return (
-        f"{SYSTEM}<|im_start|>user\n{image}{sample.prompt_text}<|im_end|>\n<|im_start|>assistant\n"
-    )
-
-
-def patchify(img, spec: tiny.TinyQwen2VLSpec = SPEC) -> torch.Tensor:
-    """``Qwen2VLImageProcessor``'s ``pixel_values`` for an image whose sides are multiples of
-    28 px (no resize): ``[grid_h * grid_w, 3 * temporal_patch * patch * patch]`` float32,
-    rows in the processor's 2 x 2-merge order."""
-    x = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0  # [H, W, 3]
-    x = (x - np.array(tiny.IMAGE_MEAN, np.float32)) / np.array(tiny.IMAGE_STD, np.float32)
-    x = x.transpose(2, 0, 1)[None].repeat(spec.temporal_patch_size, 0)  # [T, 3, H, W]
-    ps, ms, tps = spec.patch_size, spec.spatial_merge_size, spec.temporal_patch_size
-    gh, gw = x.shape[2] // ps, x.shape[3] // ps
-    x = x.reshape(1, tps, 3, gh // ms, ms, ps, gw // ms, ms, ps)
-    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return torch.from_numpy(np.ascontiguousarray(x.reshape(gh * gw, 3 * tps * ps * ps)))
-
-
-@dataclass
-class Batch:
-    """Model inputs of B samples, right-padded to the longest (L tokens)."""
-
-    input_ids: torch.Tensor  # [B, L]
-    attention_mask: torch.Tensor  # [B, L]
-    mm_token_type_ids: torch.Tensor  # [B, L], 1 on image tokens
-    labels: torch.Tensor  # [B, L], -100 except the answer tokens
-    pixel_values: torch.Tensor | None  # [images * 1024, 1176]
-    image_grid_thw: torch.Tensor | None  # [images, 3]
-
-    def inputs(self) -> dict:
-        out = {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "mm_token_type_ids": self.mm_token_type_ids,
-        }
-        if self.pixel_values is not None:
-            out |= {"pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw}
-        return out
-
-    def to(self, device: torch.device | str) -> Batch:
-        """The same batch on ``device``."""
-        return Batch(
-            **{f.name: None if (v := getattr(self, f.name)) is None else v.to(device)
-               for f in dataclasses.fields(self)}
-        )  # fmt: skip
 
 
 def follow_ups(s: vqa.VQASample, n: int, seed: int) -> list[tuple[str, str]]:
@@ -111,51 +62,6 @@ def follow_ups(s: vqa.VQASample, n: int, seed: int) -> list[tuple[str, str]]:
     others = [qa for qa in every if qa[0] != s.question]
     order = np.random.default_rng(seed).permutation(len(others))
     return [others[int(i)] for i in order[:n]]
-
-
-def make_batch(
-    tokenizer,
-    samples: list[vqa.VQASample],
-    with_answers: bool = True,
-    turns: list[list[tuple[str, str]]] | None = None,
-) -> Batch:
-    """Tokenise prompts (+ answers and ``<|im_end|>`` when ``with_answers``, + the extra
-    ``turns[i]`` of sample ``i``, each answer supervised); image slots are expanded to
-    ``(H / 28) * (W / 28)`` ``<|image_pad|>`` tokens, as the processor does."""
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|endoftext|>")}
-    rows, label_rows, pixels, grids = [], [], [], []
-    for i, s in enumerate(samples):
-        text = prompt(s)
-        if s.image is not None:
-            w, h = s.image.size
-            merge = SPEC.patch_size * SPEC.spatial_merge_size
-            text = text.replace("<|image_pad|>", "<|image_pad|>" * ((h // merge) * (w // merge)))
-            pixels.append(patchify(s.image))
-            grids.append([1, h // SPEC.patch_size, w // SPEC.patch_size])
-        p = tokenizer(text, add_special_tokens=False)["input_ids"]
-        a = tokenizer(s.answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        a = a if with_answers else []
-        row, label = p + a, [-100] * len(p) + a
-        for question, answer in turns[i] if turns else []:
-            q = f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-            q = tokenizer(q, add_special_tokens=False)["input_ids"]
-            a = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
-            row, label = row + q + a, label + [-100] * len(q) + a
-        rows.append(row)
-        label_rows.append(label)
-    length = max(len(r) for r in rows)
-    pad = ids["<|endoftext|>"]
-    input_ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
-    labels = torch.tensor([r + [-100] * (length - len(r)) for r in label_rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
-    return Batch(
-        input_ids=input_ids,
-        attention_mask=mask,
-        mm_token_type_ids=(input_ids == ids["<|image_pad|>"]).int(),
-        labels=labels,
-        pixel_values=torch.cat(pixels) if pixels else None,
-        image_grid_thw=torch.tensor(grids) if grids else None,
-    )
 
 
 def ink_labels(s: vqa.VQASample) -> torch.Tensor:
@@ -207,17 +113,6 @@ def hub_state_dict(model, spec: tiny.TinyQwen2VLSpec = SPEC) -> dict[str, torch.
     return out
 
 
-@torch.no_grad()
-def greedy_answers(model, tokenizer, samples: list[vqa.VQASample], max_new: int = 12) -> list:
-    """Greedy answers of ``model`` (full KV cache) for ``samples``, as text."""
-    out = []
-    for s in samples:
-        b = make_batch(tokenizer, [s], with_answers=False).to(model.device)
-        gen = model.generate(**b.inputs(), max_new_tokens=max_new, do_sample=False)
-        out.append(tokenizer.decode(gen[0, b.input_ids.shape[1] :], skip_special_tokens=True))
-    return out
-
-
 def evaluate(
     model, tokenizer, split: str, n: int, text_fraction: float, task: str = "shapes"
 ) -> dict[str, float]:
@@ -231,23 +126,6 @@ def evaluate(
         acc.setdefault(s.kind, []).append(vqa.exact_match(a, s))
         acc.setdefault("all", []).append(vqa.exact_match(a, s))
     return {k: sum(v) / len(v) for k, v in acc.items()}
-
-
-def evidence_match(
-    logits: torch.Tensor, labels: torch.Tensor, is_id: int, a_id: int, digits: Tensor | None = None
-) -> float:
-    """Share of evidence words predicted right under teacher forcing: the colour after
-    "... is" or the shape after "... is a" (the one answer token read from the image), or,
-    with ``digits`` (the digit token ids; document task), every answer digit.
-
-    ``logits``: ``[B, L, vocab]``; ``labels``: ``[B, L]`` (-100 outside the answers)."""
-    target, before = labels[:, 1:], labels[:, :-1]
-    if digits is not None:
-        evidence = torch.isin(target, digits)
-    else:
-        evidence = ((before == is_id) & (target != a_id)) | (before == a_id)
-    right = logits[:, :-1].argmax(-1) == target
-    return right[evidence].float().mean().item() if evidence.any() else 0.0
 
 
 def progress(step: int, elapsed: float, args: argparse.Namespace) -> float:
@@ -440,9 +318,7 @@ def train(args: argparse.Namespace) -> dict:
         logger.info("resumed %s at step %d (%.0f s done)", args.resume, step, already)
     if probe_group is not None:  # a new probe (also one added on resume): a fresh AdamW group
         opt.add_param_group(probe_group)
-    stages.append(
-        {"from_step": step, "command": "python -m bacon_sglang.models.train " + " ".join(args.argv)}
-    )
+    stages.append({"from_step": step, "command": "python -m training.train " + " ".join(args.argv)})
     start = time.perf_counter() - already
     last_save = time.perf_counter()
     prefetch = (
@@ -604,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
     import sys
 
     parser = argparse.ArgumentParser(
-        prog="python -m bacon_sglang.models.train", description=__doc__.split("\n\n")[0]
+        prog="python -m training.train", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--steps", type=int, default=0, help="training steps (or --minutes)")

@@ -1,6 +1,6 @@
 """How alike the vision tower makes one word printed in two different inks.
 
-    python -m bacon_sglang.models.ink_similarity bacon_sglang/models/tiny_doc
+    python -m training.ink_similarity bacon_sglang/models/tiny_doc   # repository root
 
 For each ink of :data:`bacon_sglang.models.vqa.COLOURS`, a 16 x 16 document page holding only
 the word ``3838`` in its first slot; for each pair of inks, the cosine similarity of the word's
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from bacon_sglang.models import train, vqa
+from bacon_sglang.models import vqa
+from bacon_sglang.models.batches import SPEC, patchify
 
 WORD = "3838"
 
@@ -28,15 +29,15 @@ def word_tokens(model, ink: str, patch_embed: bool = False) -> torch.Tensor:
     otherwise empty 16 x 16 page: ``[len(WORD), hidden]`` float32; with ``patch_embed`` its
     patches after the patch embedding instead, ``[4 * len(WORD), vision embed]``."""
     objects = tuple((0, 1 + i, digit, ink) for i, digit in enumerate(WORD))
-    pixels = train.patchify(vqa.render_doc(objects))
+    pixels = patchify(vqa.render_doc(objects))
     cells = slice(1, 1 + len(WORD))  # cells (0, 1) .. (0, 4), row-major
     with torch.no_grad():
         if patch_embed:  # rows in 2 x 2-merge order: 4 patches per cell
-            merged = train.SPEC.spatial_merge_size**2
+            merged = SPEC.spatial_merge_size**2
             return model.model.visual.patch_embed(pixels)[
                 cells.start * merged : cells.stop * merged
             ]
-        side = vqa.GRID * train.SPEC.spatial_merge_size
+        side = vqa.GRID * SPEC.spatial_merge_size
         out = model.model.visual(pixels, grid_thw=torch.tensor([[1, side, side]]))
     tokens = out.pooler_output if hasattr(out, "pooler_output") else out
     return tokens[cells].float()
