@@ -37,7 +37,14 @@ from pathlib import Path
 
 import requests
 import torch
-from common import add_task_arguments, latest_result, machine, results_dir, task_model_path
+from common import (
+    add_task_arguments,
+    latest_result,
+    machine,
+    markdown_table,
+    results_dir,
+    task_model_path,
+)
 
 from bacon_sglang.config import POLICY_NAMES
 from bacon_sglang.demo import image_data_url
@@ -169,13 +176,15 @@ def markdown(rows: list[dict], budgets, n: int) -> str:
     """The accuracy table: one line per policy and source, one column per budget."""
     full = next(r for r in rows if r["policy"] == "none")
     has_offline = "offline" in full
-    head = f"| exact match (n={n}) | full cache | {' | '.join(f'budget {b}' for b in budgets)} |"
-    lines = [head, "|---|---|" + "---|" * len(budgets)]
+    header = [f"exact match (n={n})", "full cache", *(f"budget {b}" for b in budgets)]
     sources = ("server", "offline") if has_offline else ("server",)
-    for policy in dict.fromkeys(r["policy"] for r in rows if r["policy"] != "none"):
-        for source in sources:
-            cells = [f"{v:.3f}" for v in values(rows, policy, budgets, source)]
-            lines.append(f"| {policy} ({source}) | {full[source]:.3f} | {' | '.join(cells)} |")
+    table = [
+        [f"{policy} ({source})", f"{full[source]:.3f}"]
+        + [f"{v:.3f}" for v in values(rows, policy, budgets, source)]
+        for policy in dict.fromkeys(r["policy"] for r in rows if r["policy"] != "none")
+        for source in sources
+    ]
+    lines = [markdown_table(header, table)]
     if has_offline:
         agree = min(r["agreement"] for r in rows)
         lines.append(f"\nserver vs offline answers identical: {agree:.3f} (lowest over configs)")

@@ -42,7 +42,14 @@ from pathlib import Path
 
 import accuracy
 import torch
-from common import add_task_arguments, machine, progress, results_dir, task_model_path
+from common import (
+    add_task_arguments,
+    machine,
+    markdown_table,
+    progress,
+    results_dir,
+    task_model_path,
+)
 
 from bacon_sglang.models import batches, visual_heads, vqa
 from bacon_sglang.policies import BACON, SparseMM, make_policy
@@ -237,18 +244,14 @@ def markdown(result: dict, budgets, n: int, task: str) -> str:
     """Two tables: exact match [95% CI] and slots per method and budget; McNemar per pair;
     the no-image row against chance when ``result`` has it (and ``expected``)."""
     rows = {(r["method"], r["budget"]): r for r in result["rows"]}
-    head = " | ".join(f"budget {b}" for b in budgets)
-    lines = [
-        f"exact match [Wilson 95% CI] (slots held per request), task {task}, n={n}",
-        "",
-        f"| method | {head} |",
-        "|---|" + "---|" * len(budgets),
-    ]
+    head = [f"budget {b}" for b in budgets]
+    table = []
     full = rows.get(("full", None))
     if full:
         low, high = full["ci95"]
-        cell = f"{full['exact_match']:.3f} [{low:.2f}, {high:.2f}]"
-        lines.append(f"| full cache | {' | '.join([cell] * len(budgets))} |")
+        table.append(
+            ["full cache", *[f"{full['exact_match']:.3f} [{low:.2f}, {high:.2f}]"] * len(budgets)]
+        )
     for method in method_names():
         cells = []
         for b in budgets:
@@ -260,23 +263,25 @@ def markdown(result: dict, budgets, n: int, task: str) -> str:
             cells.append(f"{r['exact_match']:.3f} [{low:.2f}, {high:.2f}] ({r['slots']:.0f})")
         served = any(rows.get((method, b), {}).get("source") == "server" for b in budgets)
         source = " (server)" if served else ""
-        lines.append(f"| {method}{source} | {' | '.join(cells)} |")
-    lines += [
+        table.append([f"{method}{source}", *cells])
+    tests = {(t["base"], t["budget"]): t for t in result["mcnemar"]}
+    mcnemar = [
+        [base]
+        + [
+            "-" if t is None else f"{t['base_only']} / {t['other_only']}, p={t['p']:.3g}"
+            for t in (tests.get((base, b)) for b in budgets)
+        ]
+        for base in BASES
+    ]
+    lines = [
+        f"exact match [Wilson 95% CI] (slots held per request), task {task}, n={n}",
+        "",
+        markdown_table(["method", *head], table),
         "",
         "McNemar (exact), +BACON vs base: right only with base / only with +BACON, p",
         "",
-        f"| base | {head} |",
-        "|---|" + "---|" * len(budgets),
+        markdown_table(["base", *head], mcnemar),
     ]
-    tests = {(t["base"], t["budget"]): t for t in result["mcnemar"]}
-    for base in BASES:
-        cells = []
-        for b in budgets:
-            t = tests.get((base, b))
-            cells.append(
-                "-" if t is None else f"{t['base_only']} / {t['other_only']}, p={t['p']:.3g}"
-            )
-        lines.append(f"| {base} | {' | '.join(cells)} |")
     no_image = rows.get((NO_IMAGE, None))
     if no_image and result.get("expected"):
         low, high = no_image["ci95"]

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import add_task_arguments, machine, results_dir, task_model_path
+from common import add_task_arguments, machine, markdown_table, results_dir, task_model_path
 
 from bacon_sglang import scoring
 from bacon_sglang.models import batches, vqa
@@ -97,20 +97,20 @@ def question_recalls(model, tokenizer, s: vqa.VQASample, image_token: int) -> to
 
 def markdown(mean: torch.Tensor, n: int, task: str) -> str:
     """Per-layer table: one row per layer (+ the mean), one column per score and K."""
-    head = " | ".join(f"{s}@{k}" for k in KS for s in SCORES)
-    lines = [
-        f"evidence recall, task {task}, n={n} (top-K of candidates per KV head; mean over heads)",
-        "",
-        f"| layer | {head} |",
-        "|---|" + "---|" * (len(KS) * len(SCORES)),
-    ]
+    head = [f"{s}@{k}" for k in KS for s in SCORES]
     rows = [(str(i), mean[i]) for i in range(mean.shape[0])] + [("mean", mean.mean(0))]
-    for name, row in rows:
-        cells = " | ".join(
-            f"{float(row[i, j]):.2f}" for j in range(len(KS)) for i in range(len(SCORES))
-        )
-        lines.append(f"| {name} | {cells} |")
-    return "\n".join(lines)
+    table = [
+        [name, *(f"{float(row[i, j]):.2f}" for j in range(len(KS)) for i in range(len(SCORES)))]
+        for name, row in rows
+    ]
+    return "\n".join(
+        [
+            f"evidence recall, task {task}, n={n} (top-K of candidates per KV head; mean over "
+            "heads)",
+            "",
+            markdown_table(["layer", *head], table),
+        ]
+    )
 
 
 def mean_from_record(record: dict) -> torch.Tensor:

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from common import markdown_table
 from serving_client import RequestResult, Sampler
 
 
@@ -266,16 +267,13 @@ DECODE_COLUMNS = [
 
 def markdown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """A markdown table of ``rows`` (``-`` for a missing value)."""
-    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |"]
-    lines.append("|" + "|".join("---" for _ in columns) + "|")
-    for row in rows:
-        cells = []
-        for name, _, fmt in columns:
-            value = row.get(name)
-            bad = value is None or (isinstance(value, float) and math.isnan(value))
-            cells.append("-" if bad else fmt.format(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    def cell(value, fmt: str) -> str:
+        bad = value is None or (isinstance(value, float) and math.isnan(value))
+        return "-" if bad else fmt.format(value)
+
+    table = [[cell(row.get(name), fmt) for name, _, fmt in columns] for row in rows]
+    return markdown_table([h for _, h, _ in columns], table)
 
 
 def plot_throughput(sweep: list[dict], path: Path) -> None:
