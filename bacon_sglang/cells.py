@@ -1,0 +1,152 @@
+"""Head-granular compressed KV, the PyTorch reference (design: ``patches/head_granular.md``).
+
+A *cell* holds one token of one (layer, KV head). A compressed request keeps ``n[l, h]``
+tokens in (layer ``l``, KV head ``h``), so it needs ``C = sum n`` cells; they live inside
+SGLang's own pool: ``m = ceil(C / (L * H))`` ordinary slots, each used as ``L x H`` cells
+(one per layer buffer and head). Cell ``c`` of a request sits at::
+
+    slot    = cell_slots[c // (L * H)]       # a slot the request owns: req_to_token[row, S + .]
+    layer'  = (c % (L * H)) // H             # whose K/V buffer holds it
+    head'   = c % H
+
+and (layer ``l``, head ``h``) owns cells ``[off[l * H + h], off[l * H + h + 1])``, ``off`` the
+prefix sums of ``n`` (:func:`cell_offsets`). Decode attention of layer ``l``, KV head ``h``
+reads that head's cells, then the request's ordinary tokens (shared text ``row[0:S]`` and
+generated tokens ``row[S + m : seq_len]``), one softmax over both (:func:`cell_decode`).
+
+Nothing here is served yet: these are the references the Triton kernels and the SGLang
+hooks of the design will be tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def cell_offsets(counts: Tensor) -> Tensor:
+    """``[L * H + 1]`` int64 prefix sums of the kept counts ``counts`` ``[L, H]``: (layer
+    ``l``, head ``h``) owns cells ``[off[l * H + h], off[l * H + h + 1])``."""
+    flat = counts.reshape(-1).to(torch.int64)
+    return torch.cat([flat.new_zeros(1), flat.cumsum(0)])
+
+
+def slots_needed(cells: int, num_layers: int, num_kv_heads: int) -> int:
+    """``m``: the slots ``cells`` cells take (each slot holds ``L x H`` cells)."""
+    per_slot = num_layers * num_kv_heads
+    return -(-cells // per_slot)
+
+
+def cell_address(
+    cells: Tensor, num_layers: int, num_kv_heads: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Where cells ``cells`` (any shape, int) live: ``(slot index into the request's cell
+    slots, layer buffer, head)``, each shaped as ``cells``."""
+    per_slot = num_layers * num_kv_heads
+    return cells // per_slot, (cells % per_slot) // num_kv_heads, cells % num_kv_heads
+
+
+def pack_cells(
+    k_buffers: Sequence[Tensor],
+    v_buffers: Sequence[Tensor],
+    row: Tensor,
+    keep: Sequence[Sequence[Tensor]],
+    cell_slots: Tensor,
+) -> Tensor:
+    """Gather a request's kept tokens into its cells (the reference of the compaction into
+    cells), reading every source before writing any cell.
+
+    Args:
+        k_buffers, v_buffers: per layer ``[num_slots, H, d]`` (modified in place).
+        row: ``[>= N]`` the request's slot of each prompt position (``req_to_token`` row).
+        keep: ``keep[l][h]``: ``[n[l, h]]`` prompt positions (layer ``l``, head ``h``) keeps.
+        cell_slots: ``[m]`` slots the request owns for its cells.
+
+    Returns:
+        ``[L * H + 1]`` the cell offsets (:func:`cell_offsets`).
+    """
+    num_layers, num_kv_heads = len(k_buffers), k_buffers[0].shape[1]
+    counts = torch.tensor(
+        [[len(keep[layer][h]) for h in range(num_kv_heads)] for layer in range(num_layers)]
+    )
+    off = cell_offsets(counts)
+    assert slots_needed(int(off[-1]), num_layers, num_kv_heads) <= len(cell_slots)
+    sources = []
+    for layer in range(num_layers):
+        for h in range(num_kv_heads):
+            src = row[keep[layer][h].long()].long()
+            sources.append((k_buffers[layer][src, h].clone(), v_buffers[layer][src, h].clone()))
+    for i, (k, v) in enumerate(sources):
+        cells = torch.arange(int(off[i]), int(off[i + 1]))
+        slot, layer, head = cell_address(cells, num_layers, num_kv_heads)
+        for layer_id in layer.unique().tolist():
+            mine = layer == layer_id
+            target = cell_slots[slot[mine]].long()
+            k_buffers[layer_id][target, head[mine]] = k[mine]
+            v_buffers[layer_id][target, head[mine]] = v[mine]
+    return off
+
+
+def gather_cells(
+    buffers: Sequence[Tensor], cell_slots: Tensor, off: Tensor, layer: int, head: int
+) -> Tensor:
+    """``[n[layer, head], d]``: the cells of (``layer``, ``head``), in order, from
+    ``buffers`` (per layer ``[num_slots, H, d]``, K or V)."""
+    num_layers, num_kv_heads = len(buffers), buffers[0].shape[1]
+    i = layer * num_kv_heads + head
+    cells = torch.arange(int(off[i]), int(off[i + 1]))
+    slot, where, at = cell_address(cells, num_layers, num_kv_heads)
+    out = buffers[0].new_empty(len(cells), buffers[0].shape[-1])
+    for layer_id in where.unique().tolist():
+        mine = where == layer_id
+        out[mine] = buffers[layer_id][cell_slots[slot[mine]].long(), at[mine]]
+    return out
+
+
+def cell_decode(
+    q: Tensor,
+    layer: int,
+    k_buffers: Sequence[Tensor],
+    v_buffers: Sequence[Tensor],
+    row: Tensor,
+    shared: int,
+    num_cell_slots: int,
+    off: Tensor,
+    seq_len: int,
+    scale: float | None = None,
+) -> Tensor:
+    """Decode attention of one request at ``layer`` over its cells and its ordinary tokens.
+
+    Args:
+        q: ``[Hq, d]`` the new token's rotated queries.
+        k_buffers, v_buffers: per layer ``[num_slots, H, d]``.
+        row: the request's ``req_to_token`` row: ``[0, S)`` shared text, ``[S, S + m)`` its
+            cell slots, ``[S + m, seq_len)`` generated tokens (the new one included).
+        shared: ``S``; num_cell_slots: ``m``; off: :func:`cell_offsets` of the request.
+        seq_len: the request's KV length ``S + m + t``.
+        scale: softmax scale, ``1 / sqrt(d)`` when None.
+
+    Returns:
+        ``[Hq, d_v]``: per query head, softmax over (its KV head's cells, then the ordinary
+        tokens) of ``q . k`` times ``v``; the query heads of a GQA group share their KV head.
+    """
+    num_q_heads, dim = q.shape
+    num_kv_heads = k_buffers[0].shape[1]
+    group = num_q_heads // num_kv_heads
+    scale = dim**-0.5 if scale is None else scale
+    cell_slots = row[shared : shared + num_cell_slots]
+    ordinary = torch.cat([row[:shared], row[shared + num_cell_slots : seq_len]]).long()
+    out = []
+    for h in range(num_kv_heads):
+        k = torch.cat(
+            [gather_cells(k_buffers, cell_slots, off, layer, h), k_buffers[layer][ordinary, h]]
+        )
+        v = torch.cat(
+            [gather_cells(v_buffers, cell_slots, off, layer, h), v_buffers[layer][ordinary, h]]
+        )
+        heads = q[h * group : (h + 1) * group].float()
+        weights = torch.softmax(heads @ k.float().T * scale, dim=-1)
+        out.append(weights @ v.float())
+    return torch.cat(out).to(q.dtype)

@@ -1,0 +1,68 @@
+"""The head-granular KV reference (``bacon_sglang/cells.py``): cells numbered without overlap
+inside the request's own slots, and decode attention over cells + ordinary tokens equal to
+dense attention over the same reduced KV (design: ``patches/head_granular.md``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bacon_sglang.cells import cell_address, cell_decode, cell_offsets, pack_cells, slots_needed
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_cells_fill_their_slots_without_overlap(seed):
+    gen = torch.Generator().manual_seed(seed)
+    layers, heads = (
+        int(torch.randint(1, 9, (1,), generator=gen)),
+        int(torch.randint(1, 5, (1,), generator=gen)),
+    )
+    counts = torch.randint(0, 40, (layers, heads), generator=gen)
+    off = cell_offsets(counts)
+    total = int(counts.sum())
+    assert off[-1] == total and torch.equal(off.diff(), counts.reshape(-1))
+    m = slots_needed(total, layers, heads)
+    slot, layer, head = cell_address(torch.arange(total), layers, heads)
+    assert all(slot < m) and (m == 0 or (m - 1) * layers * heads < total)
+    flat = (slot * layers + layer) * heads + head
+    assert flat.unique().numel() == total  # a bijection onto the first C of m x L x H
+
+
+@pytest.mark.parametrize(("q_heads", "kv_heads", "dim"), [(2, 2, 16), (4, 2, 32), (7, 1, 64)])
+@pytest.mark.parametrize("seed", range(3))
+def test_decode_over_cells_equals_dense_attention_over_the_reduced_cache(
+    q_heads, kv_heads, dim, seed
+):
+    gen = torch.Generator().manual_seed(seed)
+    layers, slots, prompt, shared, generated = 3, 400, 60, 5, 4
+    k = [torch.randn(slots, kv_heads, dim, generator=gen) for _ in range(layers)]
+    v = [torch.randn(slots, kv_heads, dim, generator=gen) for _ in range(layers)]
+    free = torch.randperm(slots - 1, generator=gen) + 1  # slot 0: SGLang's padding slot
+    prompt_row, free = free[:prompt], free[prompt:]
+
+    def kept() -> torch.Tensor:  # a sorted random subset of the private prompt, maybe empty
+        n = int(torch.randint(0, 30, (1,), generator=gen))
+        return torch.randperm(prompt - shared, generator=gen)[:n].sort().values + shared
+
+    keep = [[kept() for _ in range(kv_heads)] for _ in range(layers)]
+    counts = torch.tensor([[len(x) for x in per_layer] for per_layer in keep])
+    m = slots_needed(int(counts.sum()), layers, kv_heads)
+    cell_slots, gen_slots, untouched = free[:m], free[m : m + generated], free[m + generated :]
+    q = [torch.randn(q_heads, dim, generator=gen) for _ in range(layers)]
+    group = q_heads // kv_heads
+    want = []
+    for layer in range(layers):  # dense attention over exactly the kept and ordinary tokens
+        heads = []
+        for h in range(kv_heads):
+            rows = torch.cat([prompt_row[:shared], prompt_row[keep[layer][h]], gen_slots])
+            kk, vv = k[layer][rows, h], v[layer][rows, h]
+            w = torch.softmax(q[layer][h * group : (h + 1) * group] @ kk.T / dim**0.5, dim=-1)
+            heads.append(w @ vv)
+        want.append(torch.cat(heads))
+    before = [x[untouched].clone() for x in k]
+    off = pack_cells(k, v, prompt_row, keep, cell_slots)
+    assert all(torch.equal(x[untouched], b) for x, b in zip(k, before, strict=True))
+    row = torch.cat([prompt_row[:shared], cell_slots, gen_slots])
+    for layer in range(layers):
+        got = cell_decode(q[layer], layer, k, v, row, shared, m, off, len(row))
+        torch.testing.assert_close(got, want[layer], rtol=1e-5, atol=1e-6)
