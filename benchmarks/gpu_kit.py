@@ -52,6 +52,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from common import markdown_table
+
 REPO = Path(__file__).resolve().parents[1]
 KIT = REPO / ".gpu-kit"
 MIB = 1 << 20
@@ -568,14 +570,23 @@ def _serving_rows(step: dict) -> list[str]:
     def fmt(value):
         return "-" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
 
-    rows = ["| policy | TTFT p50 ms, 1 client | prefill p50 ms (prompt tokens) | decode step ms, "
-            "batch 1 | KV slots peak, 8 clients | decoding at once in the pool (bound) |",
-            "|---|---|---|---|---|---|"]  # fmt: skip
-    for policy, c in cells.items():
-        rows.append(f"| {policy} | {fmt(c.get('ttft'))} | {fmt(c.get('prefill'))} "
-                    f"({fmt(c.get('tokens'))}) | {fmt(c.get('decode'))} | {fmt(c.get('kv'))} | "
-                    f"{fmt(c.get('running'))} |")  # fmt: skip
-    return rows
+    header = (
+        "policy", "TTFT p50 ms, 1 client", "prefill p50 ms (prompt tokens)",
+        "decode step ms, batch 1", "KV slots peak, 8 clients",
+        "decoding at once in the pool (bound)",
+    )  # fmt: skip
+    rows = [
+        (
+            policy,
+            fmt(c.get("ttft")),
+            f"{fmt(c.get('prefill'))} ({fmt(c.get('tokens'))})",
+            fmt(c.get("decode")),
+            fmt(c.get("kv")),
+            fmt(c.get("running")),
+        )  # fmt: skip
+        for policy, c in cells.items()
+    ]
+    return markdown_table(header, rows).splitlines()
 
 
 def render(report: dict) -> str:
@@ -596,14 +607,13 @@ def render(report: dict) -> str:
         "",
         f"Server flags: `{report.get('server_args')}`; every number was {report['standin_ops']}.",
         "",
-        "| step | outcome | seconds | where it failed |",
-        "|---|---|---|---|",
     ]
+    steps = []
     for step in report["steps"]:
         ok = {True: "ok", False: f"FAILED ({step.get('status')})", None: step.get("status")}
         where = (step.get("error") or "").replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {step['step']} | {ok[step.get('ok')]} | {step.get('seconds', '-')} | "
-                     f"{where} |")  # fmt: skip
+        steps.append((step["step"], ok[step.get("ok")], step.get("seconds", "-"), where))
+    lines += markdown_table(("step", "outcome", "seconds", "where it failed"), steps).splitlines()
     serving = next((s for s in report["steps"] if s["step"] == "serving"), {})
     table = _serving_rows(serving)
     if table:

@@ -92,8 +92,7 @@ def answers_by_kind(record: dict) -> str:
     budget loses. The kinds come from rebuilding the test questions (a pure function of index)."""
     kinds = [vqa.sample("test", record["start"] + i).kind for i in range(record["questions"])]
     counts = {k: kinds.count(k) for k in dict.fromkeys(kinds)}
-    header = " | ".join(f"{k} ({n})" for k, n in counts.items())
-    lines = [f"| correct answers (server) | {header} |", "|---|" + "---|" * len(counts)]
+    table = []
     for row in record["rows"]:
         policy, budget = row["policy"], row["budget"]
         hits = dict.fromkeys(counts, 0)
@@ -102,8 +101,9 @@ def answers_by_kind(record: dict) -> str:
             s = vqa.sample("test", record["start"] + i)
             hits[kind] += vqa.exact_match(record["answers"][rid]["server"], s)
         label = "full cache" if policy == "none" else f"{policy}, budget {budget}"
-        lines.append(f"| {label} | " + " | ".join(str(hits[k]) for k in counts) + " |")
-    return "\n".join(lines)
+        table.append([label, *(hits[k] for k in counts)])
+    header = ["correct answers (server)", *(f"{k} ({n})" for k, n in counts.items())]
+    return common.markdown_table(header, table)
 
 
 def accuracy_section(path: Path) -> str:
@@ -251,16 +251,14 @@ def premise_overview() -> str:
     """One row per task: each score's evidence recall at each K, mean over layers."""
     records = [json.loads(p.read_text()) for p in task_results("premise")]
     ks, scores = premise.KS, premise.SCORES
-    head = " | ".join(f"{s}@{k}" for k in ks for s in scores)
-    lines = [f"| task (layers, questions) | {head} |", "|---|" + "---|" * (len(ks) * len(scores))]
+    table = []
     for r in records:
         per_layer = premise.mean_from_record(r)  # [layers, scores, Ks], as its own table
         mean = per_layer.mean(0)
-        cells = " | ".join(
-            f"{float(mean[i, j]):.2f}" for j in range(len(ks)) for i in range(len(scores))
-        )
-        lines.append(f"| {r['task']} ({per_layer.shape[0]}, {r['questions']}) | {cells} |")
-    return "\n".join(lines)
+        cells = [f"{float(mean[i, j]):.2f}" for j in range(len(ks)) for i in range(len(scores))]
+        table.append([f"{r['task']} ({per_layer.shape[0]}, {r['questions']})", *cells])
+    header = ["task (layers, questions)", *(f"{s}@{k}" for k in ks for s in scores)]
+    return common.markdown_table(header, table)
 
 
 def premise_section() -> str:
@@ -456,12 +454,10 @@ def summary() -> str:
     }
     policies = ["none", "snapkv", "bacon"]
     budget = srv["config"]["budget"]
-    lines = ["| 2 CPU cores, tiny Qwen2-VL | full cache | SnapKV | BACON | table |"]
-    lines.append("|---|---|---|---|---|")
+    rows = []
 
     def line(what: str, cells: dict[str, str], table: str) -> None:
-        values = " | ".join(cells.get(p, "-") for p in policies)
-        lines.append(f"| {what} | {values} | [{table}]({link[table]}) |")
+        rows.append([what, *(cells.get(p, "-") for p in policies), f"[{table}]({link[table]})"])
 
     levels = sorted({r["concurrency"] for r in srv["sweep"]})
     for level in levels[:2]:
@@ -537,7 +533,8 @@ def summary() -> str:
         },
         "prefix reuse",
     )
-    return "\n".join(lines)
+    header = ["2 CPU cores, tiny Qwen2-VL", "full cache", "SnapKV", "BACON", "table"]
+    return common.markdown_table(header, rows)
 
 
 def with_block(readme: str, name: str, text: str) -> str:
