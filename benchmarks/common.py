@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import re
@@ -74,6 +75,18 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def columns_table(rows: Iterable[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A Markdown table of ``rows`` with ``columns`` ``(key, header, format)``; ``-`` where a
+    value is missing or NaN."""
+
+    def cell(value, fmt: str) -> str:
+        bad = value is None or (isinstance(value, float) and math.isnan(value))
+        return "-" if bad else fmt.format(value)
+
+    table = [[cell(row.get(key), fmt) for key, _, fmt in columns] for row in rows]
+    return markdown_table([header for _, header, _ in columns], table)
 
 
 def progress(items: Iterable, total: int | None = None, what: str = ""):

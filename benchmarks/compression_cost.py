@@ -31,8 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine, results_dir
-from serving_report import markdown
+from common import columns_table, machine, results_dir
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bacon_sglang import kernels
@@ -260,7 +259,7 @@ COLUMNS = [  # key, header, format
 def render(report: dict) -> str:
     """The markdown table of a run's JSON record (``-``: not measured on this device)."""
     head = f"{report['device']}, torch {report['torch']}; shape: {report['shape']}"
-    return head + "\n\n" + markdown(report["rows"], COLUMNS)
+    return head + "\n\n" + columns_table(report["rows"], COLUMNS)
 
 
 def write_report(report: dict, path: Path) -> None:

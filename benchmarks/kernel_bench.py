@@ -35,7 +35,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import machine, markdown_table, results_dir
+from common import columns_table, machine, results_dir
 
 from bacon_sglang import kernels, paged
 
@@ -202,19 +202,8 @@ MARKDOWN_COLUMNS = [  # name, header, format
 
 def render(report: dict) -> str:
     """The markdown table of a run's JSON record (``-``: not run on this device)."""
-    lines = [
-        f"{report['device']}, torch {report['torch']}; shape: {report['shape']}",
-        "",
-    ]
-    cells = [
-        [
-            "-" if row.get(name) is None else fmt.format(row[name])
-            for name, _, fmt in MARKDOWN_COLUMNS
-        ]
-        for row in report["rows"]
-    ]
-    lines.append(markdown_table([h for _, h, _ in MARKDOWN_COLUMNS], cells))
-    return "\n".join(lines)
+    head = f"{report['device']}, torch {report['torch']}; shape: {report['shape']}"
+    return head + "\n\n" + columns_table(report["rows"], MARKDOWN_COLUMNS)
 
 
 def main() -> None:

@@ -206,7 +206,7 @@ def run_config(config: str, args, model_path: str, processor) -> dict:
         rows, sampler = drive(url, processor, args)
         table = [summary(config, kind, rows, sampler) for kind in ("questions", "chat")]
         for row in table:
-            print(report.markdown([row], COLUMNS).splitlines()[-1], flush=True)
+            print(common.columns_table([row], COLUMNS).splitlines()[-1], flush=True)
         pool = loads(url)["max_total_num_tokens"]
         cap = None
         if args.capacity_output_tokens:
@@ -222,7 +222,7 @@ def run_config(config: str, args, model_path: str, processor) -> dict:
         if config == "bacon-full" and args.paired:
             serving.flush_cache(url)
             paired = paired_follow_ups(url, processor, args)
-            print(report.markdown(paired, PAIRED_COLUMNS), flush=True)
+            print(common.columns_table(paired, PAIRED_COLUMNS), flush=True)
         idle = serving.wait_idle(url)
     return {"config": config, "server_args": server_args, "rows": table, "capacity": cap,
             "paired": paired, "idle_kv": idle}  # fmt: skip
@@ -278,15 +278,17 @@ def add_ratios(result: dict) -> None:
 
 
 def tables(result: dict) -> str:
-    text = "### Follow-up questions and chat turns\n\n" + report.markdown(result["rows"], COLUMNS)
+    text = "### Follow-up questions and chat turns\n\n" + common.columns_table(
+        result["rows"], COLUMNS
+    )
     caps = [c for c in result["capacity"] if c]
     if caps:
         text += "\n\n### Capacity (burst into the fixed pool)\n\n"
-        text += report.markdown(caps, CAPACITY_COLUMNS)
+        text += common.columns_table(caps, CAPACITY_COLUMNS)
     paired = [row for run in result["runs"] for row in run.get("paired", [])]
     if paired:
         text += "\n\n### Follow-up TTFT, paired on one server (one request at a time)\n\n"
-        text += report.markdown(paired, PAIRED_COLUMNS)
+        text += common.columns_table(paired, PAIRED_COLUMNS)
     return text
 
 
@@ -372,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
     processor = AutoProcessor.from_pretrained(model_path)
     info = common.machine()
-    print(report.markdown([], COLUMNS), flush=True)
+    print(common.columns_table([], COLUMNS), flush=True)
     runs = [run_config(c, args, model_path, processor) for c in args.configs]
     result = {
         "machine": info,

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import requests
 import serving_report as report
-from common import latest_result, machine, results_dir
+from common import columns_table, latest_result, machine, results_dir
 from serving_client import (
     Sampler,
     Workload,
@@ -179,7 +179,7 @@ def sweep(target: Target, policy: str, workload: Workload, args) -> list[dict]:
             results = run_closed_loop(target.url, bodies, level)
         row = report.sweep_row(policy, level, results, sampler, (before, loads(target.workers)))
         rows.append(row)
-        print(report.markdown([row], report.SWEEP_COLUMNS).splitlines()[-1], flush=True)
+        print(columns_table([row], report.SWEEP_COLUMNS).splitlines()[-1], flush=True)
     return rows
 
 
@@ -341,8 +341,7 @@ def tables(result: dict) -> str:
         sections.insert(0, ("Scale-out (workers behind sglang-router)", "scale_out",
                             report.SCALE_OUT_COLUMNS))  # fmt: skip
     return "\n\n".join(
-        f"### {title}\n\n" + report.markdown(result[key], columns)
-        for title, key, columns in sections
+        f"### {title}\n\n" + columns_table(result[key], columns) for title, key, columns in sections
     )
 
 
@@ -429,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{info}; model {model_path}", flush=True)
     prompt = chat_prompt(model_path, args.question)
     state = {"seed": 0}
-    print(report.markdown([], report.SWEEP_COLUMNS), flush=True)
+    print(columns_table([], report.SWEEP_COLUMNS), flush=True)
     policies = [
         run_policy(p, args, model_path, prompt, state, workers)
         for workers in args.workers or [0]

@@ -6,11 +6,9 @@ markdown a person reads and the JSON a script reads hold the same numbers.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
-from common import markdown_table
 from serving_client import RequestResult, Sampler
 
 
@@ -263,17 +261,6 @@ DECODE_COLUMNS = [
     ("step_ms", "step ms", "{:.2f}"),
     ("vs_none", "vs none", "{:.2f}"),
 ]
-
-
-def markdown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """A markdown table of ``rows`` (``-`` for a missing value)."""
-
-    def cell(value, fmt: str) -> str:
-        bad = value is None or (isinstance(value, float) and math.isnan(value))
-        return "-" if bad else fmt.format(value)
-
-    table = [[cell(row.get(name), fmt) for name, _, fmt in columns] for row in rows]
-    return markdown_table([h for _, h, _ in columns], table)
 
 
 def plot_throughput(sweep: list[dict], path: Path) -> None:

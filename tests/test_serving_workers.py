@@ -8,6 +8,7 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
+import common  # noqa: E402
 import serving  # noqa: E402
 import serving_client  # noqa: E402
 import serving_report  # noqa: E402
@@ -42,5 +43,5 @@ def test_scale_out_rows_label_workers_and_spread():
     ]  # fmt: skip
     (row,) = serving.scale_out_rows(runs)
     assert row["per_worker"] == "30/12" and row["capacity"] == 80 and row["workers"] == 2
-    table = serving_report.markdown([row], serving_report.SCALE_OUT_COLUMNS)
+    table = common.columns_table([row], serving_report.SCALE_OUT_COLUMNS)
     assert "| bacon x2 | 2 | cache_aware | 8 | 5.00 |" in table
