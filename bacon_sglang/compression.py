@@ -47,7 +47,7 @@ from torch import Tensor
 from bacon_sglang.config import CompressionConfig
 from bacon_sglang.paged import host_offsets, to_device
 from bacon_sglang.policies import Policy, RequestState
-from bacon_sglang.scoring import HISTORY, window_attention
+from bacon_sglang.scoring import window_attention
 
 
 @dataclass
@@ -186,19 +186,15 @@ class RequestCompression:
             return (self.slots[: self.new_len],)
         return self.slots[: self.prefix_len], self.copy_slots[: self.kept]
 
-    def record(self, layer_id: int, keep: Tensor, evidence: Tensor | None = None) -> None:
+    def record(self, layer_id: int, keep: Tensor) -> None:
         """Store layer ``layer_id``'s keep-set ``[Hkv, kept]`` (sorted positions in
-        ``[P, L)``) and, for BACON, its evidence ``[Hkv, T]`` (the newest ``HISTORY`` layers
-        are kept for the persistence term of the next layers)."""
+        ``[P, L)``), after checking its shape and range."""
         if keep.shape != self.keep.shape[1:] or bool((keep < self.prefix_len).any()):
             raise RuntimeError(
                 f"policy {self.config.policy} returned a keep-set of shape {tuple(keep.shape)} "
                 f"for kept={self.kept}, prefix={self.prefix_len}"
             )
         self.keep[layer_id] = keep
-        if evidence is not None:
-            self.state.evidence.append(evidence)
-            del self.state.evidence[: max(0, len(self.state.evidence) - HISTORY)]
 
     def score_layer(
         self, layer_id: int, q_window: Tensor, keys: Tensor, scale: float | None

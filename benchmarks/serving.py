@@ -144,13 +144,13 @@ def server_args(policy: str, args: argparse.Namespace) -> list[str]:
 
 def wait_idle(target: Target, timeout: float = 60.0) -> dict:
     """Wait until no request holds KV (``available + evictable == total``, nothing
-    protected, summed over the workers); return ``bacon_kv`` with ``idle_ok`` telling
-    whether that happened."""
+    protected, nothing stashed, summed over the workers); return ``bacon_kv`` with
+    ``idle_ok`` telling whether that happened."""
     deadline = time.monotonic() + timeout
     while True:
         kv = kv_memory_of(target.workers)
         free = kv.get("available", 0) + kv.get("evictable", 0)
-        ok = free == kv.get("total") and not kv.get("protected")
+        ok = free == kv.get("total") and not kv.get("protected") and not kv.get("stashed_requests")
         if ok or time.monotonic() > deadline:
             return {**kv, "idle_ok": ok}
         time.sleep(0.5)

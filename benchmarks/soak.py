@@ -37,9 +37,10 @@ from pathlib import Path
 import psutil
 import requests
 from common import machine, markdown_table, results_dir
+from serving import Target, wait_idle
 from serving_client import grid_image
 
-from bacon_sglang.demo import image_data_url, kv_memory
+from bacon_sglang.demo import image_data_url
 from bacon_sglang.server import running_server
 
 RETRACT_ENV = {"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "3"}
@@ -156,17 +157,6 @@ def server_rss_mb(pid: int) -> float:
     return round(total / 2**20, 1)
 
 
-def wait_whole(base_url: str, timeout: float = 60.0) -> dict:
-    """``bacon_kv`` once the server is idle and whole, or as it is after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        mem = kv_memory(base_url)
-        whole = mem["available"] + mem["evictable"] == mem["total"] and mem["protected"] == 0
-        if (whole and mem.get("stashed_requests", 0) == 0) or time.monotonic() > deadline:
-            return mem
-        time.sleep(0.5)
-
-
 def soak(base_url: str, pid: int, requests_total: int, seconds: float, seed: int) -> dict:
     """Run the mix against a running server; the record of one server configuration."""
     solo = [send(base_url, body)[1]["output_ids"] for body in CONTROLS]
@@ -224,7 +214,7 @@ def soak(base_url: str, pid: int, requests_total: int, seconds: float, seed: int
         t.join()
     elapsed = time.monotonic() - start
     alive = requests.get(base_url + "/health", timeout=60).status_code == 200
-    mem = wait_whole(base_url)
+    mem = wait_idle(Target(base_url, [base_url]))
     rss["last"] = server_rss_mb(pid)
     statuses = Counter(o["status"] for o in outcomes)
     controls = [o for o in outcomes if o["kind"] == "control"]

@@ -61,10 +61,8 @@ def after_attention_forward(result, backend, *args, **kwargs):
                 runtime.forward = ForwardWindows(scored, runtime.num_layers, q)
             runtime.forward.add(layer.layer_id, q)
             if layer.layer_id == runtime.num_layers - 1:
-                try:
-                    compress(runtime, runtime.forward, layer.scaling)
-                finally:
-                    runtime.forward = None
+                compress(runtime, runtime.forward, layer.scaling)
+                runtime.forward = None  # on a failure, the handler below drops it
     except Exception as exc:  # noqa: BLE001 - one request's failure must not end the server
         compacting, runtime.forward, runtime.compacting = runtime.compacting, None, False
         scheduler_patch.contain_forward_failure(runtime, exc, compacting)
