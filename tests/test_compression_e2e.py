@@ -55,16 +55,17 @@ def generate(
 
 
 def assert_integrity(base_url: str) -> dict:
-    """Idle server: free + tree-owned == total, nothing protected."""
+    """Idle server: free + tree-owned == total, nothing protected, no request holding
+    stashed window queries."""
     deadline = time.monotonic() + 30
     while True:
         mem = kv_memory(base_url)
         ok = mem["available"] + mem["evictable"] == mem["total"] and mem["protected"] == 0
-        if ok or time.monotonic() > deadline:
+        if (ok and mem["stashed_requests"] == 0) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert mem["available"] + mem["evictable"] == mem["total"], mem
-    assert mem["protected"] == 0, mem
+    assert mem["protected"] == 0 and mem["stashed_requests"] == 0, mem
     return mem
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from test_compression_e2e import assert_integrity
 
 from bacon_sglang.demo import demo_image, image_data_url, kv_memory
 from bacon_sglang.server import running_server
@@ -68,17 +69,8 @@ def post(server, path: str, payload: dict, **kwargs) -> requests.Response:
 
 
 def assert_whole(server) -> dict:
-    """Idle: every slot free or owned by the radix tree, nothing protected, nothing stashed,
-    the server alive."""
-    deadline = time.monotonic() + 30
-    while True:
-        mem = kv_memory(server.base_url)
-        whole = mem["available"] + mem["evictable"] == mem["total"] and mem["protected"] == 0
-        if (whole and mem["stashed_requests"] == 0) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert mem["available"] + mem["evictable"] == mem["total"], mem
-    assert mem["protected"] == 0 and mem["stashed_requests"] == 0, mem
+    """Idle: the pool whole and nothing stashed (:func:`assert_integrity`), the server alive."""
+    mem = assert_integrity(server.base_url)
     assert requests.get(server.base_url + "/health", timeout=60).status_code == 200
     return mem
 
