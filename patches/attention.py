@@ -6,6 +6,10 @@ forward's new tokens and the layer's KV already written to the pool. When the sc
 has a compression plan for the current extend batch (``patches/scheduler.py``), after the
 layer's attention (AFTER, so this forward's own attention saw the full KV):
 
+0. every layer: the rows of a retracted request's generated tokens (its prefill after the
+   retraction recomputes them) get the attention output of their decode, over the kept KV
+   only (:func:`replay`, ``bacon_sglang/retraction.py``);
+
 1. every layer: the planned requests' last ``w`` query rows are copied into the forward's
    window buffer (:class:`bacon_sglang.compression.ForwardWindows`, allocated at layer 0:
    one copy per layer for the whole batch, no per-request work);
@@ -60,6 +64,9 @@ def after_attention_forward(result, backend, *args, **kwargs):
                 scored = [e for e in runtime.plan if e.window is not None]
                 runtime.forward = ForwardWindows(scored, runtime.num_layers, q)
             runtime.forward.add(layer.layer_id, q)
+            replayed = [e.recomputed for e in runtime.plan if e.recomputed is not None]
+            if replayed:
+                result = replay(runtime, replayed, q, layer, result)
             if layer.layer_id == runtime.num_layers - 1:
                 compress(runtime, runtime.forward, layer.scaling)
                 runtime.forward = None  # on a failure, the handler below drops it
@@ -67,6 +74,19 @@ def after_attention_forward(result, backend, *args, **kwargs):
         compacting, runtime.forward, runtime.compacting = runtime.compacting, None, False
         scheduler_patch.contain_forward_failure(runtime, exc, compacting)
     return result
+
+
+def replay(runtime, replayed, q: torch.Tensor, layer, out: torch.Tensor) -> torch.Tensor:
+    """The layer's attention output ``out`` with the rows of retracted requests' generated
+    tokens replaced by their attention over the kept KV only, as their decode computed it
+    (``bacon_sglang/retraction.py``)."""
+    pool = runtime.kv_pool
+    k, v = pool.get_key_buffer(layer.layer_id), pool.get_value_buffer(layer.layer_id)
+    o = out.reshape(-1, layer.tp_q_head_num, layer.v_head_dim)
+    for rows in replayed:
+        attn = rows.attend(layer.layer_id, q, k, v, layer.scaling, layer.logit_cap or 0.0)
+        o = o.index_copy(0, rows.rows, attn.to(o.dtype))
+    return o.reshape(out.shape)
 
 
 def compress(runtime, windows: ForwardWindows, scale: float) -> None:

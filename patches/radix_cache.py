@@ -45,17 +45,22 @@ def free_copy(tree_cache, slots: torch.Tensor) -> None:
     tree_cache.token_to_kv_pool_allocator.free(slots)
 
 
-def publish_prompt(tree_cache, req, prompt_len: int, shared_len: int) -> int:
+def publish_prompt(
+    tree_cache, req, prompt_len: int, shared_len: int, row_len: int | None = None
+) -> int:
     """Insert the request's prompt ``[0, floor(prompt_len))`` with its full KV into the tree,
-    free the unpublished tail of its row, and leave the request locking only its shared
-    text ``[0, shared_len)`` (``shared_len`` page-aligned), so the rest is evictable cache.
+    free the unpublished rest of its row up to ``row_len`` (default ``prompt_len``; more
+    after a retraction, whose generated tokens are in the copy), and leave the request
+    locking only its shared text ``[0, shared_len)`` (``shared_len`` page-aligned), so the
+    rest is evictable cache.
 
     Must run before the row is repointed at the compressed copy (the tree takes the slots
     the row holds). Returns the prompt tokens the tree now holds for this prompt."""
+    row_len = prompt_len if row_len is None else row_len
     tree_cache.checkpoint(req, up_to=prompt_len)
     published = req.kv.cache_protected_len
-    if published < prompt_len:
-        tree_cache.free_kv_row(req.kv, [(published, prompt_len)])
+    if published < row_len:
+        tree_cache.free_kv_row(req.kv, [(published, row_len)])
     relock(tree_cache, req, shared_len)
     return published
 

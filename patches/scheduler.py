@@ -34,6 +34,7 @@ from bacon_sglang.patches import parallel, radix_cache
 from bacon_sglang.patches.metrics import CompressionCounters, make_counters
 from bacon_sglang.patches.server_args import config_of, scale_out_problems
 from bacon_sglang.policies import Policy, make_policy
+from bacon_sglang.retraction import RecomputedRows, recomputed_rows
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class PlanEntry:
     window: WindowQueries | None  # None: the keep-set is known (a retracted request)
     compression: RequestCompression | None  # None: a middle chunk (queries stashed only)
     generated: int = 0  # tokens generated before a retraction, kept whole (never scored)
+    # after a retraction: the rows recomputing generated tokens, attending to the kept KV
+    recomputed: RecomputedRows | None = None
 
 
 @dataclass(frozen=True)
@@ -221,15 +224,10 @@ def plan_entry(runtime: Runtime, batch, i: int, req, q_start: int, q_len: int):
     ):
         runtime.windows.pop(req, None)
         return None
-    finishing = int(batch.seq_lens_cpu[i]) == full_len  # the prompt ends in this forward
+    end = int(batch.seq_lens_cpu[i])
+    finishing = end == full_len  # the prompt ends in this forward
     if retained is not None:  # prefilled again after a retraction: the same keep-set
-        req.skip_radix_cache_insert = True
-        if not finishing:
-            return None
-        compression = reuse_compression(runtime, req, config, full_len, copy)
-        if compression is None:
-            return None
-        return PlanEntry(req, q_start, q_len, None, compression, full_len - retained.prompt_len)
+        return replay_entry(runtime, req, config, copy, q_start, q_len, end, finishing)
     req.skip_radix_cache_insert = True
     window = runtime.windows.setdefault(req, WindowQueries(config.window))
     compression = None
@@ -239,20 +237,50 @@ def plan_entry(runtime: Runtime, batch, i: int, req, q_start: int, q_len: int):
     return PlanEntry(req, q_start, q_len, window, compression)
 
 
-def reuse_compression(
-    runtime: Runtime, req, config: CompressionConfig, full_len: int, copy: bool
-) -> RequestCompression | None:
-    """The compression of a retracted request prefilled again (prompt + the tokens it had
-    generated): the prompt keeps what its first prefill chose (``req.bacon_keep``), the
-    generated tokens are kept whole. None (served uncompressed, counted as a failure) when
-    its shared prefix changed meanwhile, so the old keep-set no longer applies."""
+def replay_entry(
+    runtime: Runtime, req, config: CompressionConfig, copy: bool,
+    q_start: int, q_len: int, end: int, finishing: bool,
+) -> PlanEntry | None:  # fmt: skip
+    """The entry of a retracted request prefilled again (prompt + the tokens it had
+    generated, up to ``end`` in this forward): the generated tokens' rows attend to the kept
+    KV only, as their decode did (``bacon_sglang/retraction.py``), and the forward that ends
+    it compacts the prompt to its first keep-set, the generated tokens kept whole. None
+    (served uncompressed, counted as a failure) when its shared prefix changed meanwhile, so
+    the old keep-set no longer applies."""
     retained: RetainedKeep = req.bacon_keep
+    req.skip_radix_cache_insert = True
     prefix_len = kept_whole(runtime, req, config, copy)
     if prefix_len != retained.prefix_len:
         record_failure(
             runtime, req, "retraction", f"shared prefix {retained.prefix_len} -> {prefix_len}"
         )
         return None
+    compression = None
+    if finishing:
+        compression = reuse_compression(runtime, req, config, end, copy)
+        if compression is None:
+            return None
+    row = runtime.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :end]
+    recomputed = recomputed_rows(
+        retained.keep, prefix_len, retained.prompt_len, row, end - q_len, end, q_start
+    )
+    if compression is None and recomputed is None:
+        return None
+    # Its generated tokens' KV are the decode's, not the full prompt's: never in the tree,
+    # even if compression fails later on (record_failure).
+    req.bacon_replayed = recomputed is not None or getattr(req, "bacon_replayed", False)
+    return PlanEntry(
+        req, q_start, q_len, None, compression, end - retained.prompt_len, recomputed
+    )
+
+
+def reuse_compression(
+    runtime: Runtime, req, config: CompressionConfig, full_len: int, copy: bool
+) -> RequestCompression | None:
+    """The compression of a retracted request's last forward: the prompt keeps what its
+    first prefill chose (``req.bacon_keep``), the generated tokens are kept whole."""
+    retained: RetainedKeep = req.bacon_keep
+    prefix_len = retained.prefix_len
     slots = runtime.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :full_len].clone()
     num_layers, num_kv_heads, _ = retained.keep.shape
     generated = torch.arange(retained.prompt_len, full_len, device=retained.keep.device)
@@ -274,10 +302,11 @@ def reuse_compression(
 
 def record_failure(runtime: Runtime, req, stage: str, error) -> None:
     """Compression of ``req`` failed at ``stage`` before its KV was changed: it is served
-    uncompressed from here on (and cached as SGLang would), the failure counted in
+    uncompressed from here on (and cached as SGLang would, unless the prefill after a
+    retraction already recomputed its generated tokens over the kept KV), the failure counted in
     ``/server_info`` and Prometheus, one log line with the rid."""
     req.bacon_failed = True
-    req.skip_radix_cache_insert = False
+    req.skip_radix_cache_insert = getattr(req, "bacon_replayed", False)
     runtime.windows.pop(req, None)
     runtime.failures += 1
     if runtime.counters is not None:
@@ -391,10 +420,15 @@ def capped_prefix_match(result: int, req, input_len: int) -> int:
     """AFTER ``Req._compute_max_prefix_len(self, input_len)``: a request that will be
     compressed into a copy matches at most ``input_len - window`` tokens in the radix tree,
     so that the queries of its whole observation window are computed in its prefill (a
-    second question about a cached image would otherwise prefill fewer than ``w`` tokens)."""
+    second question about a cached image would otherwise prefill fewer than ``w`` tokens).
+    A request prefilled again after a retraction matches at most its prompt: the KV of its
+    generated tokens must be its decode's (``bacon_sglang/retraction.py``), never the tree's."""
     runtime = RUNTIME
     if runtime is None:
         return result
+    retained = getattr(req, "bacon_keep", None)
+    if retained is not None and not getattr(req, "bacon_failed", False):
+        return min(result, retained.prompt_len)
     config = request_config(runtime, req)
     if not copies_prompt(runtime, config):
         return result
@@ -466,8 +500,8 @@ def apply_plan(runtime: Runtime, batch, entries: list[PlanEntry]) -> None:
             continue
         req = entry.req
         if c.copy_slots is not None:
-            tree_tokens = radix_cache.publish_prompt(
-                runtime.tree_cache, req, c.prompt_len, c.prefix_len
+            tree_tokens = radix_cache.publish_prompt(  # the prompt: generated tokens never
+                runtime.tree_cache, req, c.prompt_len - entry.generated, c.prefix_len, c.prompt_len
             )
             radix_cache.point_row_at(
                 runtime.req_to_token_pool, req, c.prefix_len, c.copy_slots[: c.kept]

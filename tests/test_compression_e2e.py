@@ -297,17 +297,13 @@ def test_concurrent_mixed_requests_retraction_and_abort_leak_nothing(server, pro
 
 
 @pytest.mark.parametrize("prefix_cache", ["full", "shared"])
-def test_retracted_requests_keep_their_prompt_keep_sets(server, processor, prefix_cache):
+def test_retracted_requests_answer_as_if_never_retracted(server, processor, prefix_cache):
     """SGLang's forced retraction (every 3rd decode step while more than one request runs):
-    three concurrent greedy image requests are retracted and prefilled again. Each reports
-    its prompt only, as at its first prefill (the tokens it had generated are no prompt and
-    are never compressed away), and the prefill after the retraction (its keep-set file
-    ``<rid>.retracted.pt``) keeps the prompt tokens its first prefill chose, then every
-    generated token.
-
-    Not asserted: that its greedy tokens equal those it answers alone. They do not always:
-    the prefill after a retraction recomputes the generated tokens' KV attending to the full
-    prompt, where the first decode attended to the compressed one (README, Reliability)."""
+    three concurrent greedy image requests are retracted and prefilled again. Each answers
+    the tokens it answers alone (never retracted), reports its prompt only, as at its first
+    prefill (the tokens it had generated are no prompt and are never compressed away), and
+    the prefill after the retraction (its keep-set file ``<rid>.retracted.pt``) keeps the
+    prompt tokens its first prefill chose, then every generated token."""
     retracted = "sglang:num_retracted_requests_total"
     before = prometheus(server.base_url, retracted).get(retracted, 0.0)
     reuses = kv_memory(server.base_url)["retraction_reuses"]
@@ -350,6 +346,10 @@ def test_retracted_requests_keep_their_prompt_keep_sets(server, processor, prefi
         tail = torch.arange(meta["prompt_tokens"], last["prompt_len"])
         assert torch.equal(last["keep"][..., prompt_kept:], tail.expand(4, 2, -1))
     assert retracted_seen > 0
+    for text, reply in zip(texts, replies, strict=True):  # one request alone is never retracted
+        alone = generate(server.base_url, text, img, 24, override)
+        assert alone["meta_info"]["num_retractions"] == 0
+        assert reply["output_ids"] == alone["output_ids"], reply["meta_info"]["num_retractions"]
     assert_integrity(server.base_url)
 
 

@@ -14,6 +14,7 @@ from bacon_sglang import kernels
 from bacon_sglang.compression import plan_request
 from bacon_sglang.config import CompressionConfig
 from bacon_sglang.policies import make_policy
+from bacon_sglang.scoring import HISTORY
 
 HQ, HKV, D, LAYERS = 4, 2, 64, 5  # one layer more than BACON's 4-layer history
 
@@ -80,7 +81,10 @@ def test_batched_keep_sets_equal_the_per_request_policy(
             backend=backend,
         )
         for c, k, e in zip(batched, keep, evidence, strict=True):
-            c.record(layer, k.cpu(), e.T.cpu() if policy == "bacon" else None)
+            c.record(layer, k.cpu())
+            if policy == "bacon":  # the persistence history, as the policy keeps its own
+                c.state.evidence.append(e.T.cpu())
+                del c.state.evidence[: max(0, len(c.state.evidence) - HISTORY)]
     for batched, reference in plans:
         torch.testing.assert_close(batched.keep, reference.keep, rtol=0, atol=0)
         assert len(batched.state.evidence) == len(reference.state.evidence)
