@@ -6,13 +6,15 @@
   later. Its position offset belongs to the released KV, so it is dropped here, and so are
   any stashed window queries; the keep-set its prefill chose stays on the request
   (``req.bacon_keep``): the prefill after the retraction compacts its prompt to the same
-  tokens and keeps the tokens it generated whole (``patches/scheduler.py``).
+  tokens, recomputes the tokens it generated over the kept KV and keeps them whole
+  (``patches/scheduler.py``, ``bacon_sglang/retraction.py``).
 * ``ScheduleBatch._get_decode_retraction_order`` (AFTER): compressed requests are the last
   to be retracted (:func:`retraction_order`).
 * ``Req._compute_max_prefix_len`` (AFTER): with ``--kv-prefix-cache full`` a request that
   will be compressed matches at most ``prompt - window`` tokens in the radix tree, so its
   prefill computes the queries of its whole observation window
-  (:func:`bacon_sglang.patches.scheduler.capped_prefix_match`).
+  (:func:`bacon_sglang.patches.scheduler.capped_prefix_match`); one prefilled again after a
+  retraction matches at most its prompt.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ def after_reset_for_retract(result, req, *args, **kwargs):
 def retraction_order(result: list[int], reqs, *args, **kwargs) -> list[int]:
     """AFTER ``ScheduleBatch._get_decode_retraction_order(reqs)`` (staticmethod; most
     preferred to keep first, SGLang retracts from the end): compressed requests move to the
-    front, in SGLang's order among themselves. Retracting one frees few slots, and its
-    prefill after the retraction recomputes the tokens it generated over the full prompt."""
+    front, in SGLang's order among themselves. Retracting one frees few slots and costs a
+    prefill of its whole prompt."""
     compressed = [getattr(reqs[i], "bacon_position_offset", 0) > 0 for i in result]
     return [i for i, c in zip(result, compressed, strict=True) if c] + [
         i for i, c in zip(result, compressed, strict=True) if not c

@@ -269,9 +269,7 @@ def replay_entry(
     # Its generated tokens' KV are the decode's, not the full prompt's: never in the tree,
     # even if compression fails later on (record_failure).
     req.bacon_replayed = recomputed is not None or getattr(req, "bacon_replayed", False)
-    return PlanEntry(
-        req, q_start, q_len, None, compression, end - retained.prompt_len, recomputed
-    )
+    return PlanEntry(req, q_start, q_len, None, compression, end - retained.prompt_len, recomputed)
 
 
 def reuse_compression(

@@ -28,7 +28,7 @@ def test_soak_problems_are_found():
     """The verdict sees each kind of damage (a soak that cannot fail proves nothing)."""
     whole = {
         "server_errors": 0, "alive": True, "bad_accepted": 0, "unexpected_4xx": 0,
-        "controls_changed_unretracted": 0, "stashed_requests": 0,
+        "controls_changed": 0, "stashed_requests": 0,
         "pool": {"total": 10, "available": 6, "evictable": 4, "protected": 0},
     }  # fmt: skip
     assert soak.problems(whole) == []
@@ -36,7 +36,7 @@ def test_soak_problems_are_found():
         {"server_errors": 1},
         {"alive": False},
         {"bad_accepted": 2},
-        {"controls_changed_unretracted": 1},
+        {"controls_changed": 1},
         {"stashed_requests": 1},
         {"pool": {"total": 10, "available": 5, "evictable": 4, "protected": 0}},
         {"pool": {"total": 10, "available": 6, "evictable": 4, "protected": 3}},
