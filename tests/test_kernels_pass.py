@@ -74,12 +74,8 @@ class _Plan:
     """A ``PlanEntry`` as ``patches/scheduler.py`` builds it."""
 
     def __init__(self, q_start, q_len, window, compression):
-        self.q_start, self.q_len, self.window, self.compression = (
-            q_start,
-            q_len,
-            window,
-            compression,
-        )
+        self.q_start, self.q_len, self.window = q_start, q_len, window
+        self.compression, self.recomputed = compression, None
 
 
 def _compression(policy, n, window):
