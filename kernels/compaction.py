@@ -19,6 +19,7 @@ requests disjoint slots. Out of place the destination slots are no one's source.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -30,6 +31,33 @@ from bacon_sglang.paged import KVIndex
 from .score_kernels import layer_table, slot_of
 
 _INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@triton.jit
+def _move_rows(
+    k_base, v_base, k_from, v_from, src, src_head, k_to, v_to, dst, dst_head, ok, stride_ks,
+    stride_kh, stride_vs, stride_vh, DIM_K: tl.constexpr, DIM_V: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, ALIGN: tl.constexpr,
+):  # fmt: skip
+    """Copy the K and V rows of head ``src_head`` of slots ``src`` (``[BLOCK_J]``) in the
+    layer whose buffers start ``k_from``/``v_from`` elements from the bases, where ``ok``, to
+    head ``dst_head`` of slots ``dst`` in the layer at ``k_to``/``v_to`` (scalars or
+    ``[BLOCK_J]``). Every source is read before any write."""
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    k_mask = ok[:, None] & (dk < DIM_K)[None, :]
+    v_mask = ok[:, None] & (dv < DIM_V)[None, :]
+    # Row starts in elements from the base; ALIGN divides each of them (the launcher
+    # checks), which lets Triton move 16 bytes per instruction instead of one element.
+    k_src = tl.multiple_of(k_from + src * stride_ks + src_head * stride_kh, ALIGN)
+    v_src = tl.multiple_of(v_from + src * stride_vs + src_head * stride_vh, ALIGN)
+    k_dst = tl.multiple_of(k_to + dst * stride_ks + dst_head * stride_kh, ALIGN)
+    v_dst = tl.multiple_of(v_to + dst * stride_vs + dst_head * stride_vh, ALIGN)
+    k_rows = tl.load(k_base + k_src[:, None] + dk[None, :], k_mask)
+    v_rows = tl.load(v_base + v_src[:, None] + dv[None, :], v_mask)
+    tl.debug_barrier()  # in place, a chunk's destinations may be its own sources
+    tl.store(k_base + k_dst[:, None] + dk[None, :], k_rows, k_mask)
+    tl.store(v_base + v_dst[:, None] + dv[None, :], v_rows, v_mask)
 
 
 @triton.jit
@@ -51,8 +79,6 @@ def _compact_kernel(
     k0 = tl.load(keep_indptr + req)
     count = tl.load(keep_indptr + req + 1) - k0
     keep_row = keep + layer * keep_stride_l + h * keep_stride_h + k0
-    dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
     for c in range(0, count, BLOCK_J):
         j = c + tl.arange(0, BLOCK_J)
         valid = j < count
@@ -60,19 +86,10 @@ def _compact_kernel(
         src = slot_of(table, start, src_pos, valid, PAGE)
         dst = slot_of(dst_table, dst_start, prefix + j, valid, DST_PAGE)
         move = valid & (src != dst)  # tokens already in place stay
-        k_mask = move[:, None] & (dk < DIM_K)[None, :]
-        v_mask = move[:, None] & (dv < DIM_V)[None, :]
-        # Row starts in elements from the base; ALIGN divides each of them (the launcher
-        # checks), which lets Triton move 16 bytes per instruction instead of one element.
-        k_src = tl.multiple_of(k_layer + src * stride_ks + h * stride_kh, ALIGN)
-        v_src = tl.multiple_of(v_layer + src * stride_vs + h * stride_vh, ALIGN)
-        k_dst = tl.multiple_of(k_layer + dst * stride_ks + h * stride_kh, ALIGN)
-        v_dst = tl.multiple_of(v_layer + dst * stride_vs + h * stride_vh, ALIGN)
-        k_rows = tl.load(k_base + k_src[:, None] + dk[None, :], k_mask)
-        v_rows = tl.load(v_base + v_src[:, None] + dv[None, :], v_mask)
-        tl.debug_barrier()  # every source of this chunk is read before any write
-        tl.store(k_base + k_dst[:, None] + dk[None, :], k_rows, k_mask)
-        tl.store(v_base + v_dst[:, None] + dv[None, :], v_rows, v_mask)
+        _move_rows(
+            k_base, v_base, k_layer, v_layer, src, h, k_layer, v_layer, dst, h, move,
+            stride_ks, stride_kh, stride_vs, stride_vh, DIM_K, DIM_V, BLOCK_DK, BLOCK_DV, ALIGN,
+        )  # fmt: skip
 
 
 def _layer_offsets(buffers: Sequence[Tensor]) -> tuple[Tensor, Tensor, tuple[int, ...], int]:
@@ -83,6 +100,44 @@ def _layer_offsets(buffers: Sequence[Tensor]) -> tuple[Tensor, Tensor, tuple[int
         raise ValueError(f"unsupported K/V dtype {buffers[0].dtype}")
     table, strides, align = layer_table(buffers)
     return buffers[0].view(_INT_OF_WIDTH[size]), table, strides, align
+
+
+class _Pool(NamedTuple):
+    """The pool's K and V layers as the kernels address them: base pointers, ``[layers]``
+    offsets, slot and head strides (elements), a common row alignment, head dims."""
+
+    args: tuple  # k_base, v_base, k_layer_offsets, v_layer_offsets
+    strides: tuple[int, int, int, int]  # stride_ks, stride_kh, stride_vs, stride_vh
+    align: int
+    dims: tuple[int, int]  # d_k, d_v
+
+
+def _pool(k_buffers: Sequence[Tensor], v_buffers: Sequence[Tensor], num_layers: int) -> _Pool:
+    """Checks the buffers against the keep-sets' ``num_layers`` and each other, then
+    :func:`_layer_offsets` of K and of V."""
+    if len(k_buffers) != num_layers or len(v_buffers) != num_layers:
+        raise ValueError(f"keep has {num_layers} layers, got {len(k_buffers)} K buffers")
+    if k_buffers[0].dtype.itemsize != v_buffers[0].dtype.itemsize:
+        raise ValueError(
+            f"K and V elements differ in width: {k_buffers[0].dtype}, {v_buffers[0].dtype}"
+        )
+    k_base, k_layers, k_stride, k_align = _layer_offsets(k_buffers)
+    v_base, v_layers, v_stride, v_align = _layer_offsets(v_buffers)
+    return _Pool(
+        (k_base, v_base, k_layers, v_layers),
+        (k_stride[0], k_stride[1], v_stride[0], v_stride[1]),
+        min(k_align, v_align),
+        (k_buffers[0].shape[2], v_buffers[0].shape[2]),
+    )
+
+
+def _widths(pool: _Pool, block_j: int) -> dict[str, int]:
+    """The constexprs of the pool's rows and the chunk width, common to the kernels."""
+    dim_k, dim_v = pool.dims
+    return dict(
+        DIM_K=dim_k, DIM_V=dim_v, BLOCK_J=block_j, BLOCK_DK=triton.next_power_of_2(dim_k),
+        BLOCK_DV=triton.next_power_of_2(dim_v), ALIGN=pool.align,
+    )  # fmt: skip
 
 
 def compact(
@@ -100,26 +155,15 @@ def compact(
     ``keep`` is not checked here: call :func:`bacon_sglang.paged.check_keep` to check it)."""
     dst = index if dst is None else dst
     num_layers, heads, _ = keep.shape
-    if len(k_buffers) != num_layers or len(v_buffers) != num_layers:
-        raise ValueError(f"keep has {num_layers} layers, got {len(k_buffers)} K buffers")
+    pool = _pool(k_buffers, v_buffers, num_layers)
     if keep.stride(2) != 1:
         keep = keep.contiguous()
-    if k_buffers[0].dtype.itemsize != v_buffers[0].dtype.itemsize:
-        raise ValueError(
-            f"K and V elements differ in width: {k_buffers[0].dtype}, {v_buffers[0].dtype}"
-        )
-    k_base, k_layers, k_stride, k_align = _layer_offsets(k_buffers)
-    v_base, v_layers, v_stride, v_align = _layer_offsets(v_buffers)
     dev = k_buffers[0].device
     batch = len(keep_indptr) - 1
     if batch == 0 or keep.shape[-1] == 0:
         return
-    dim_k, dim_v = k_buffers[0].shape[2], v_buffers[0].shape[2]
     _compact_kernel[(batch, num_layers, heads)](
-        k_base, v_base, k_layers, v_layers, index.table, index.start.to(dev), dst.table,
-        dst.start.to(dev), prefix_lens.to(dev), keep, keep_indptr.to(dev), keep.stride(0),
-        keep.stride(1), k_stride[0], k_stride[1], v_stride[0], v_stride[1],
-        PAGE=index.page_size, DST_PAGE=dst.page_size, DIM_K=dim_k, DIM_V=dim_v, BLOCK_J=block_j,
-        BLOCK_DK=triton.next_power_of_2(dim_k), BLOCK_DV=triton.next_power_of_2(dim_v),
-        ALIGN=min(k_align, v_align),
+        *pool.args, index.table, index.start.to(dev), dst.table, dst.start.to(dev),
+        prefix_lens.to(dev), keep, keep_indptr.to(dev), keep.stride(0), keep.stride(1),
+        *pool.strides, PAGE=index.page_size, DST_PAGE=dst.page_size, **_widths(pool, block_j),
     )  # fmt: skip
