@@ -14,6 +14,11 @@ prefix sums of ``n`` (:func:`cell_offsets`). Decode attention of layer ``l``, KV
 reads that head's cells, then the request's ordinary tokens (shared text ``row[0:S]`` and
 generated tokens ``row[S + m : seq_len]``), one softmax over both (:func:`cell_decode`).
 
+A batch's compaction into cells (:func:`compact_cells`, the reference of the kernel
+``kernels/compaction.py`` ``compact_cells``) also writes, per ``req_pool_idx``, where decode
+finds the cells (:class:`CellTables`). Its keep-sets come ragged, in cell order
+(:class:`CellKeep`).
+
 Nothing here is served yet: these are the references the Triton kernels and the SGLang
 hooks of the design will be tested against.
 """
@@ -21,9 +26,13 @@ hooks of the design will be tested against.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from bacon_sglang.paged import KVIndex, indptr
+from bacon_sglang.selection import KEEP_PAD
 
 
 def cell_offsets(counts: Tensor) -> Tensor:
@@ -87,6 +96,111 @@ def pack_cells(
             k_buffers[layer_id][target, head[mine]] = k[mine]
             v_buffers[layer_id][target, head[mine]] = v[mine]
     return off
+
+
+class CellKeep(NamedTuple):
+    """A batch's ragged keep-sets in cell order: request ``r``'s cell ``c`` keeps prompt
+    position ``positions[indptr[r] + c]``, so (layer ``l``, head ``h``)'s positions, ascending,
+    sit at ``[indptr[r] + off[l * H + h], indptr[r] + off[l * H + h + 1])``, ``off`` the
+    :func:`cell_offsets` of ``counts[r]``."""
+
+    positions: Tensor  # [sum_C] int, C_r = counts[r].sum()
+    counts: Tensor  # [R, L, H] int, n[l, h] per request (window included)
+    indptr: Tensor  # [R + 1] int64
+
+    @classmethod
+    def pack(cls, keeps: Sequence[Tensor]) -> CellKeep:
+        """Per-request ``[L, H, W_r]`` keep-sets, each row its sorted positions then
+        ``KEEP_PAD`` (the policies' ragged form), in cell order. Reads the counts back."""
+        valid = [k != KEEP_PAD for k in keeps]
+        counts = torch.stack([v.sum(-1) for v in valid])
+        positions = torch.cat([k[v] for k, v in zip(keeps, valid, strict=True)])
+        return cls(positions, counts, indptr(counts.sum((1, 2))))
+
+
+class CellTables(NamedTuple):
+    """Where decode finds each request's cells: one row per ``req_pool_idx`` of SGLang's
+    ``req_to_token`` (row 0, its padding row, stays 0), written by :func:`compact_cells`."""
+
+    meta: Tensor  # [R + 1, 2] int32: S (row position of the first cell slot), m (0: no cells)
+    off: Tensor  # [R + 1, L * H + 1] int32: the request's cell_offsets
+
+    @classmethod
+    def zeros(
+        cls, rows: int, num_layers: int, num_kv_heads: int, device: torch.device | str = "cpu"
+    ) -> CellTables:
+        """Tables of ``rows`` (``R + 1``) request rows, none head-granular."""
+        meta = torch.zeros(rows, 2, dtype=torch.int32, device=device)
+        off = torch.zeros(rows, num_layers * num_kv_heads + 1, dtype=torch.int32, device=device)
+        return cls(meta, off)
+
+
+def check_cells(index: KVIndex, prefix_lens: Tensor, keep: CellKeep, dst: KVIndex) -> None:
+    """Raise ``ValueError`` unless :func:`compact_cells`' precondition holds: per request,
+    ``indptr`` spans ``counts``, each (layer, head)'s positions strictly increase inside
+    ``[P_r, L_r)``, the ``m_r`` cell slots hold its cells, and no cell slot is a kept token's
+    slot (the kernel reads and writes in one pass)."""
+    num_layers, num_kv_heads = keep.counts.shape[1:]
+    if not torch.equal(keep.indptr.diff().cpu(), keep.counts.sum((1, 2)).cpu()):
+        raise ValueError("keep.indptr does not span keep.counts")
+    sources, cells = [], []
+    bounds = keep.indptr.tolist()
+    for r, (k0, k1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        p = int(prefix_lens[r])
+        cells.append(dst.slots(r)[p:])
+        if slots_needed(k1 - k0, num_layers, num_kv_heads) > len(cells[-1]):
+            raise ValueError(f"request {r}: {k1 - k0} cells, {len(cells[-1])} cell slots")
+        lo, hi = p, int(index.seq_lens[r])
+        for pos in keep.positions[k0:k1].split(keep.counts[r].reshape(-1).tolist()):
+            if len(pos) and (int(pos.min()) < lo or int(pos.max()) >= hi):
+                raise ValueError(f"request {r}: keep positions outside [{lo}, {hi})")
+            if not bool((pos.diff() > 0).all()):
+                raise ValueError(f"request {r}: keep positions not strictly increasing")
+        sources.append(index.slots(r)[keep.positions[k0:k1].long()])
+    if sources and bool(torch.isin(torch.cat(cells), torch.cat(sources)).any()):
+        raise ValueError("a cell slot is also a kept token's slot")
+
+
+def compact_cells(
+    k_buffers: Sequence[Tensor],
+    v_buffers: Sequence[Tensor],
+    index: KVIndex,
+    prefix_lens: Tensor,
+    keep: CellKeep,
+    dst: KVIndex,
+    tables: CellTables,
+    req_pool_indices: Tensor,
+) -> None:
+    """Gather every request's kept K/V, every layer and KV head, into its cells
+    (:func:`pack_cells` per request), and record where they are in ``tables``.
+
+    Args:
+        k_buffers, v_buffers: per layer ``[num_slots, H, d_k]`` / ``[..., d_v]`` (modified
+            in place).
+        index: the requests' prompt rows (``req_to_token`` row snapshots): position to slot.
+        prefix_lens: ``[R]`` ``P_r`` (the design's ``S``): the row position of the first cell
+            slot; positions below it are shared and never kept.
+        keep: the kept positions of each (layer, head), in cell order (:class:`CellKeep`),
+            inside ``[P_r, L_r)``.
+        dst: the rows after compaction: ``[0, P_r)`` untouched, ``[P_r, P_r + m_r)`` the
+            request's cell slots (``m_r >= ceil(C_r / (L * H))``), none of them a kept
+            token's slot (see :func:`check_cells`).
+        tables: rows ``req_pool_indices`` get ``meta = (P_r, m_r)`` and
+            ``off = cell_offsets(counts[r])``; other rows and cells are left as they are.
+        req_pool_indices: ``[R]`` each request's row of ``tables``.
+    """
+    check_cells(index, prefix_lens, keep, dst)
+    heads = keep.counts.shape[2]
+    bounds = keep.indptr.tolist()
+    for r, (k0, k1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        per_head = keep.positions[k0:k1].split(keep.counts[r].reshape(-1).tolist())
+        per_layer = [per_head[i : i + heads] for i in range(0, len(per_head), heads)]
+        p = int(prefix_lens[r])
+        cell_slots = dst.slots(r)[p:]
+        off = pack_cells(k_buffers, v_buffers, index.slots(r), per_layer, cell_slots)
+        row = int(req_pool_indices[r])
+        tables.meta[row] = torch.tensor([p, len(cell_slots)], dtype=torch.int32)
+        tables.off[row] = off.to(torch.int32)
 
 
 def gather_cells(

@@ -21,6 +21,8 @@ functions here are its per-layer building blocks and the path it replaced::
     calibrate(scores, ...) -> Calibrated    (B, E, S per candidate; .base for SnapKV)
     ... keep-set per head (bacon_sglang.selection) ...
     compact(k_buffers, v_buffers, ...)      (all layers at once, after the last layer)
+      or compact_cells(...)                 (into head-granular cells, not served yet:
+                                             patches/head_granular.md)
 
 :func:`keep_sets` chains the first three for one layer of a batch (the per-layer path, kept
 as a reference for the tests and ``benchmarks/compression_cost.py``); :func:`compact` runs
@@ -36,7 +38,8 @@ from typing import Literal
 
 from torch import Tensor
 
-from bacon_sglang import paged, scoring
+from bacon_sglang import cells, paged, scoring
+from bacon_sglang.cells import CellKeep, CellTables, check_cells
 from bacon_sglang.paged import (
     Calibrated,
     KVIndex,
@@ -52,11 +55,15 @@ from bacon_sglang.selection import select_keep_packed
 __all__ = [
     "Backend",
     "Calibrated",
+    "CellKeep",
+    "CellTables",
     "KVIndex",
     "WindowScores",
     "calibrate",
+    "check_cells",
     "check_keep",
     "compact",
+    "compact_cells",
     "indptr",
     "interpreted",
     "keep_sets",
@@ -242,3 +249,40 @@ def compact(
     _kernel_module("compaction").compact(
         k_buffers, v_buffers, index, prefix_lens, keep, keep_indptr, dst
     )
+
+
+def compact_cells(
+    k_buffers: Sequence[Tensor],
+    v_buffers: Sequence[Tensor],
+    index: KVIndex,
+    prefix_lens: Tensor,
+    keep: CellKeep,
+    dst: KVIndex,
+    tables: CellTables,
+    req_pool_indices: Tensor,
+    *,
+    check: bool = False,
+    backend: Backend | None = None,
+) -> None:
+    """Gather each request's kept tokens, every layer and KV head, into its cells (fresh
+    slots, each holding one token of every (layer, KV head) pair) and write its row of the
+    decode's ``tables`` (layout and contract: :func:`bacon_sglang.cells.compact_cells`).
+
+    Args:
+        k_buffers, v_buffers: per layer ``[num_slots, Hkv, d]`` (e.g. ``pool.k_buffer``).
+        index: the requests' prompt rows.
+        prefix_lens: ``[R]`` ``P_r``: the row position of the first cell slot.
+        keep: ``[sum_C]`` kept positions in cell order, ``counts [R, L, Hkv]``, ``indptr``
+            (:meth:`CellKeep.pack` from the policies' ``KEEP_PAD``-padded keep-sets).
+        dst: rows ``[0, P_r)`` then the ``m_r`` cell slots, none of them a source.
+        tables: ``meta [R_pool + 1, 2]``, ``off [R_pool + 1, L * Hkv + 1]`` int32.
+        req_pool_indices: ``[R]`` each request's row of ``tables``.
+        check: verify the precondition first (syncs; the torch backend always checks).
+    """
+    args = (k_buffers, v_buffers, index, prefix_lens, keep, dst, tables, req_pool_indices)
+    if pick_backend(k_buffers[0], backend) == "torch":
+        cells.compact_cells(*args)
+        return
+    if check:
+        check_cells(index, prefix_lens, keep, dst)
+    _kernel_module("compaction").compact_cells(*args)

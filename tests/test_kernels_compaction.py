@@ -256,41 +256,49 @@ def test_odd_layer_offsets_through_kernel(device):
         assert torch.equal(bits(got.cpu()), bits(want))
 
 
-PTX_OF_COMPACTION = """
-import importlib, json, re, torch, triton
+PTX_MOVES = """
+import importlib, json, re, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 c = importlib.import_module("bacon_sglang.kernels.compaction")
+name, ptrs, consts = json.loads(sys.argv[1])
 pool = [torch.zeros(64, 4, 128, dtype=torch.bfloat16) for _ in range(2)]
-align = c._layer_offsets(pool)[3]
-ptrs = {"k_base": "*i16", "v_base": "*i16", "k_layer_offsets": "*i64", "v_layer_offsets": "*i64",
-        "table": "*i32", "starts": "*i64", "dst_table": "*i32", "dst_starts": "*i64",
-        "prefix_lens": "*i64", "keep": "*i64", "keep_indptr": "*i64"}
-consts = dict(PAGE=1, DST_PAGE=1, DIM_K=128, DIM_V=128, BLOCK_J=64, BLOCK_DK=128, BLOCK_DV=128,
-              ALIGN=align)
-fn = c._compact_kernel
+consts["ALIGN"] = c._layer_offsets(pool)[3]
+fn = getattr(c, name)
 sig = {n: ptrs.get(n, "constexpr" if n in consts else "i64") for n in fn.arg_names}
 hints = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-         if n in ptrs or "stride" in n}  # what Triton's launcher sees for these arguments
+         if n in ptrs or n.startswith(("stride_k", "stride_v"))}  # what Triton's launcher sees
 ptx = triton.compile(ASTSource(fn, sig, consts, hints), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
 found = re.findall(r"(?:ld|st)\\.global\\.[\\w.]+", ptx)
 print(json.dumps({op: found.count(op) for op in set(found)}))
 """
 
+POOL_POINTERS = {"k_base": "*i16", "v_base": "*i16", "k_layer_offsets": "*i64",
+                 "v_layer_offsets": "*i64", "table": "*i32", "starts": "*i64",
+                 "dst_table": "*i32", "dst_starts": "*i64", "prefix_lens": "*i64",
+                 "keep": "*i64", "keep_indptr": "*i64"}  # fmt: skip
+WIDTHS = dict(PAGE=1, DST_PAGE=1, DIM_K=128, DIM_V=128, BLOCK_J=64, BLOCK_DK=128, BLOCK_DV=128)
 
-def test_compaction_moves_16_bytes_per_instruction():
-    """Compiled for an H100/H200 (PTX only; no GPU needed), the kernel's K/V moves are 16-byte
-    vector loads and stores. Without the alignment hint each bf16 element was its own load
-    (ld.global.b16) and the kernel ran at 1/30 of a plain copy on an H200."""
+
+def assert_16_byte_moves(kernel: str, pointers: dict, consts: dict) -> None:
+    """Compiled for an H100/H200 (PTX only; no GPU needed) over a bf16 pool, ``kernel``'s K/V
+    moves are 16-byte vector loads and stores, never one bf16 element per instruction."""
     import json
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", PTX_OF_COMPACTION], env=env,
+    spec = json.dumps([kernel, pointers, consts])
+    done = subprocess.run([sys.executable, "-c", PTX_MOVES, spec], env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     ops = json.loads(done.stdout.strip().splitlines()[-1])
     assert ops.get("ld.global.v4.b32", 0) > 0 and ops.get("st.global.v4.b32", 0) > 0, ops
     assert "ld.global.b16" not in ops and "st.global.b16" not in ops, ops
+
+
+def test_compaction_moves_16_bytes_per_instruction():
+    """Without the alignment hint each bf16 element was its own load (ld.global.b16) and the
+    kernel ran at 1/30 of a plain copy on an H200."""
+    assert_16_byte_moves("_compact_kernel", POOL_POINTERS, WIDTHS)
