@@ -12,7 +12,9 @@ SGLang's own pool: ``m = ceil(C / (L * H))`` ordinary slots, each used as ``L x 
 and (layer ``l``, head ``h``) owns cells ``[off[l * H + h], off[l * H + h + 1])``, ``off`` the
 prefix sums of ``n`` (:func:`cell_offsets`). Decode attention of layer ``l``, KV head ``h``
 reads that head's cells, then the request's ordinary tokens (shared text ``row[0:S]`` and
-generated tokens ``row[S + m : seq_len]``), one softmax over both (:func:`cell_decode`).
+generated tokens ``row[S + m : seq_len]``), one softmax over both (:func:`cell_decode`; for a
+decode batch read through the design's tables, :class:`CellIndex`, :func:`cell_decode_batch`,
+the reference of ``kernels/cell_decode.py``).
 
 A batch's compaction into cells (:func:`compact_cells`, the reference of the kernel
 ``kernels/compaction.py`` ``compact_cells``) also writes, per ``req_pool_idx``, where decode
@@ -264,3 +266,48 @@ def cell_decode(
         weights = torch.softmax(heads @ k.float().T * scale, dim=-1)
         out.append(weights @ v.float())
     return torch.cat(out).to(q.dtype)
+
+
+class CellIndex(NamedTuple):
+    """Where the keys of a decode batch are: SGLang's rows plus the cell tables of
+    ``patches/head_granular.md`` (section 4.2), all indexed by ``req_pool_idx``."""
+
+    req_to_token: Tensor  # [R + 1, max_context] int32, SGLang's rows of slots
+    req_pool_indices: Tensor  # [bs] each batch row's req_to_token row (0: padding)
+    seq_lens: Tensor  # [bs] KV length S + m + t (the new token included)
+    cell_meta: Tensor  # [R + 1, 2] int32 (S, m); m == 0: a dense row, S and cell_off unread
+    cell_off: Tensor  # [R + 1, L * H + 1] int32 the row's cell_offsets
+
+
+def cell_decode_batch(
+    q: Tensor,
+    o: Tensor,
+    layer: int,
+    k_buffers: Sequence[Tensor],
+    v_buffers: Sequence[Tensor],
+    index: CellIndex,
+    scale: float | None = None,
+    *,
+    only_cells: bool = False,
+) -> None:
+    """:func:`cell_decode` of every row of a decode batch, written into ``o``: the reference
+    of ``kernels/cell_decode.py``. A row with ``m == 0`` is dense decode over
+    ``row[0:seq_len]``.
+
+    Args:
+        q: ``[bs, Hq, d]``; o: ``[bs, Hq, d_v]`` (written).
+        k_buffers, v_buffers: per layer ``[num_slots, H, d]``.
+        index: the batch's rows and cell tables (:class:`CellIndex`).
+        only_cells: leave the rows with ``m == 0`` of ``o`` as they are.
+    """
+    no_cells = index.cell_off.new_zeros(index.cell_off.shape[1])
+    rows = zip(index.req_pool_indices.tolist(), index.seq_lens.tolist(), strict=True)
+    for b, (rpi, seq_len) in enumerate(rows):
+        shared, m = index.cell_meta[rpi].tolist()
+        if m == 0 and only_cells:
+            continue
+        off = index.cell_off[rpi] if m else no_cells
+        o[b] = cell_decode(
+            q[b], layer, k_buffers, v_buffers, index.req_to_token[rpi], shared if m else 0, m,
+            off, seq_len, scale,
+        ).to(o.dtype)  # fmt: skip

@@ -27,6 +27,11 @@ functions here are its per-layer building blocks and the path it replaced::
 :func:`keep_sets` chains the first three for one layer of a batch (the per-layer path, kept
 as a reference for the tests and ``benchmarks/compression_cost.py``); :func:`compact` runs
 once after the last layer.
+
+:func:`decode_attention` is the decode side of head-granular KV (``patches/head_granular.md``):
+attention of one layer of a decode batch over each request's cells and ordinary tokens (the
+kernel is ``cell_decode.py``; the entry point does not take the module's name, which importing
+the module would rebind on this package).
 """
 
 from __future__ import annotations
@@ -34,12 +39,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from torch import Tensor
 
 from bacon_sglang import cells, paged, scoring
-from bacon_sglang.cells import CellKeep, CellTables, check_cells
+from bacon_sglang.cells import CellIndex, CellKeep, CellTables, cell_decode_batch, check_cells
 from bacon_sglang.paged import (
     Calibrated,
     KVIndex,
@@ -52,11 +57,15 @@ from bacon_sglang.paged import (
 )
 from bacon_sglang.selection import select_keep_packed
 
+if TYPE_CHECKING:  # the kernel modules are imported on first use (module docstring)
+    from .cell_decode import LayerBuffers, Scratch
+
 __all__ = [
     "Backend",
     "Calibrated",
     "CellKeep",
     "CellTables",
+    "CellIndex",
     "KVIndex",
     "WindowScores",
     "calibrate",
@@ -64,6 +73,7 @@ __all__ = [
     "check_keep",
     "compact",
     "compact_cells",
+    "decode_attention",
     "indptr",
     "interpreted",
     "keep_sets",
@@ -286,3 +296,38 @@ def compact_cells(
     if check:
         check_cells(index, prefix_lens, keep, dst)
     _kernel_module("compaction").compact_cells(*args)
+
+
+def decode_attention(
+    q: Tensor,
+    o: Tensor,
+    layer: int,
+    k_buffers: Sequence[Tensor],
+    v_buffers: Sequence[Tensor],
+    index: CellIndex,
+    scale: float | None = None,
+    *,
+    only_cells: bool = False,
+    buffers: LayerBuffers | None = None,
+    work: Scratch | None = None,
+    backend: Backend | None = None,
+) -> None:
+    """Decode attention of ``layer`` for a batch whose rows may hold head-granular cells,
+    written into ``o`` (contract: :func:`bacon_sglang.cells.cell_decode_batch`).
+
+    Args:
+        q: ``[bs, Hq, d]`` the new tokens' queries; o: ``[bs, Hq, d_v]`` (written).
+        k_buffers, v_buffers: per layer ``[num_slots, H, d]`` (e.g. ``pool.k_buffer``).
+        index: the batch's ``req_to_token`` rows and cell tables (:class:`CellIndex`; a row
+            with ``m == 0`` is dense decode over ``row[0:seq_len]``).
+        only_cells: leave rows with ``m == 0`` untouched (what SGLang's decode computed).
+        buffers, work: for the Triton kernel, :func:`.cell_decode.layer_buffers` of the
+            buffers and a :func:`.cell_decode.scratch` made once (CUDA-graph capture needs
+            both); built per call when None.
+    """
+    if pick_backend(q, backend) == "torch":
+        cell_decode_batch(q, o, layer, k_buffers, v_buffers, index, scale, only_cells=only_cells)
+        return
+    kernel = _kernel_module("cell_decode")
+    buffers = buffers or kernel.layer_buffers(k_buffers, v_buffers)
+    kernel.cell_decode(q, o, layer, buffers, index, scale, only_cells=only_cells, work=work)

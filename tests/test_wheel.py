@@ -56,3 +56,5 @@ def test_wheel_holds_the_models_and_no_training(tmp_path):
         assert f"bacon_sglang/models/{module}" in files
     for package in ("kernels", "patches"):
         assert f"bacon_sglang/{package}/__init__.py" in files
+    for kernel in (ROOT / "kernels").glob("*.py"):  # cell_decode.py included
+        assert f"bacon_sglang/kernels/{kernel.name}" in files
