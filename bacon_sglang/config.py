@@ -3,6 +3,18 @@
 It is parsed once, from SGLang's command line (``--kv-*`` flags), from ``sglang.Engine``
 keyword arguments, or from a dict; it is frozen and travels to SGLang's subprocesses on the
 ``ServerArgs`` record (see ``patches/server_args.py``). No SGLang import here.
+
+Two counts, one meaning each in every layer of the project (stated here only):
+
+- **budget**: the prompt tokens each KV head keeps per layer, the observation window
+  included (a fraction resolves per prompt: :meth:`CompressionConfig.kept_tokens`):
+  ``--kv-budget``, a request's ``budget`` override, the response's
+  ``meta_info["kv_compression"]["budget"]``, the KV benchmarks' ``--budget(s)`` and tables.
+- **candidates** (``K``): ``budget - window``, how many of the prompt tokens before the window
+  (the candidates, ``T`` of them) a policy selects per KV head; the window is kept on top.
+  What ``bacon_sglang.policies``, ``allocation``, ``scoring``, ``selection``, ``paged`` and
+  ``kernels`` take. Uneven allocations (PyramidKV, AdaKV, SparseMM) give each (layer, KV
+  head) its own count, ``K`` on average.
 """
 
 from __future__ import annotations
@@ -79,8 +91,8 @@ class ConfigError(ValueError):
 class CompressionConfig:
     """Validated KV-compression settings.
 
-    ``budget`` is either an int >= ``window`` (tokens kept per KV head per layer, window
-    included) or a float in (0, 1) (a fraction of the compressible prompt).
+    ``budget`` (see the module docstring) is either an int >= ``window`` or a float in
+    (0, 1) (a fraction of the compressible prompt).
     ``min_prompt`` is always resolved (never None) after construction.
     """
 

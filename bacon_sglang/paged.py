@@ -226,7 +226,7 @@ def per_request(value: int | Tensor | Sequence[int], batch: int) -> list[int]:
 def calibrate(
     window_scores: WindowScores,
     q_indptr: Tensor,
-    budget: int | Tensor | Sequence[int],
+    candidates: int | Tensor | Sequence[int],
     prev_evidence: Sequence[Tensor] = (),
     first_candidate: int | Tensor | Sequence[int] = 0,
     *,
@@ -242,8 +242,8 @@ def calibrate(
     Args:
         window_scores: the layer's column scores.
         q_indptr: ``[B + 1]`` window rows of each request (gives ``w_b``).
-        budget: ``K`` per request (int for all): kept candidates per head; the top-``2K``
-            region of steps 7-8.
+        candidates: ``K`` per request (int for all, :mod:`bacon_sglang.config`): the
+            top-``2K`` region of steps 7-8.
         prev_evidence: earlier layers' ``Calibrated.evidence`` of this batch, oldest first;
             entries of another shape are ignored, the last ``history`` averaged.
         first_candidate: per request, candidates ``[0, first_candidate)`` are kept elsewhere
@@ -255,7 +255,7 @@ def calibrate(
     """
     offsets = candidate_indptr(window_scores, q_indptr)
     batch = len(offsets) - 1
-    budgets = per_request(budget, batch)
+    ks = per_request(candidates, batch)
     firsts = per_request(first_candidate, batch)
     prev = [segments(e, offsets) for e in prev_evidence if e.shape[0] == offsets[-1]]
     out: dict[str, list[Tensor]] = {k: [] for k in ("scores", "evidence", "base", "lam", "rho")}
@@ -272,7 +272,7 @@ def calibrate(
             + scoring.persistence(evidence, [p[b].T for p in prev], history)
         )
         f = firsts[b]
-        lam, rho = scoring.scale_match(base[:, f:], value[:, f:], budgets[b], scale, region, eps)
+        lam, rho = scoring.scale_match(base[:, f:], value[:, f:], ks[b], scale, region, eps)
         for key, x in (
             ("scores", base + lam.unsqueeze(-1) * value),
             ("evidence", evidence),

@@ -121,7 +121,7 @@ def decode_with_keep_sets(
         inputs: ``input_ids [1, L]`` and, with images, ``pixel_values``/``image_grid_thw``.
         keep: ``[layers, Hkv, n]`` positions each layer and KV head keeps (see
             :func:`kept_positions`), or one ``[Hkv, n_l]`` per layer whose rows may end in
-            ``KEEP_PAD`` (per-layer, per-head budgets), or None for the full cache.
+            ``KEEP_PAD`` (per-layer, per-head counts), or None for the full cache.
         max_new: tokens to generate; decoding also stops after a token in ``stop``.
         masked: decode through :data:`KEPT_ATTENTION` (default: only when ``keep`` is ragged,
             see :func:`is_ragged`); the tests force it to compare both paths.
@@ -185,15 +185,15 @@ def keep_sets_per_layer(
     window: int = 32,
 ) -> list[Tensor]:
     """One ``[Hkv, k_l + window]`` keep-set per layer (rows padded with ``KEEP_PAD`` where
-    the policy gives heads different budgets) of the policy objects (the per-request
+    the policy gives heads different counts) of the policy objects (the per-request
     reference path) applied to the attention weights of the whole, unchunked prompt.
 
     Args:
         model_eager: the model loaded with ``attn_implementation="eager"`` (attention weights
             are returned only then).
         policy: a policy name for :func:`make_policy` or a policy object.
-        kept: private tokens each head keeps, window included (the mean, for uneven
-            allocations).
+        kept: the budget (:mod:`bacon_sglang.config`): private tokens each head keeps (the
+            mean, for uneven allocations).
         prefix_len: ``P``; positions ``[0, P)`` are shared and never selected.
     """
     windows = window_attentions(model_eager, inputs, window)

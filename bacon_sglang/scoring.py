@@ -232,7 +232,7 @@ class ScaleMatch(NamedTuple):
 def scale_match(
     base: Tensor,
     value: Tensor,
-    budget: int,
+    candidates: int,
     scale: float = SCALE,
     region: int = REGION,
     eps: float = EPS,
@@ -242,12 +242,12 @@ def scale_match(
     ``Bt``, ``Vt`` = the top-``K2`` values of ``B`` and of ``V`` (each sorted on its own),
     ``lam = c * std(Bt) / (std(Vt) + eps)`` (population std),
     ``rho = clamp(mean(Vt) / (mean(Bt) + eps), 0, 1)``, returned ``lam`` is ``rho * lam``.
-    With ``K2 == 0`` (no candidates or no budget) both are 0.
+    With ``K2 == 0`` (no candidates there or none asked for) both are 0.
 
     Args:
         base: ``[Hkv, T]`` ``B``.
         value: ``[Hkv, T]`` ``V``.
-        budget: ``K``, kept candidates per head (for uneven head budgets, their mean).
+        candidates: ``K`` (:mod:`bacon_sglang.config`; for uneven head counts, their mean).
         scale: ``c``.
         region: the top-region factor (2 in ``2K``).
         eps: the denominators' epsilon.
@@ -256,7 +256,7 @@ def scale_match(
         :class:`ScaleMatch` of ``[Hkv]`` float32 tensors.
     """
     heads, t = base.shape
-    k2 = min(region * budget, t)
+    k2 = min(region * candidates, t)
     if k2 <= 0:
         zeros = torch.zeros(heads, device=base.device)
         return ScaleMatch(zeros, zeros.clone())
@@ -275,7 +275,7 @@ class BaconScores(NamedTuple):
 def calibrate(
     base: Tensor,
     last: Tensor,
-    budget: int,
+    candidates: int,
     prev_evidence: Sequence[Tensor] = (),
     *,
     coherence_kernel: int = COHERENCE_KERNEL,
@@ -291,7 +291,7 @@ def calibrate(
     Args:
         base: ``[Hkv, T]`` ``B``.
         last: ``[Hkv, T]`` ``Q``.
-        budget: ``K``, kept candidates per head excluding the window.
+        candidates: ``K`` (:mod:`bacon_sglang.config`).
         prev_evidence: earlier layers' ``E`` of this request, oldest first.
         first_candidate: tokens ``[0, first_candidate)`` are kept elsewhere and do not compete;
             the top-``2K`` statistics of steps 7-8 are taken over ``[first_candidate, T)``.
@@ -308,7 +308,7 @@ def calibrate(
         + persistence(evidence, prev_evidence, history)
     )
     lam, _ = scale_match(
-        base[:, first_candidate:], value[:, first_candidate:], budget, scale, region, eps
+        base[:, first_candidate:], value[:, first_candidate:], candidates, scale, region, eps
     )
     return BaconScores(base + lam.unsqueeze(-1) * value, evidence)
 
@@ -316,7 +316,7 @@ def calibrate(
 def bacon_scores(
     attn: Tensor,
     num_kv_heads: int,
-    budget: int,
+    candidates: int,
     prev_evidence: Sequence[Tensor] = (),
     *,
     pool_kernel: int = POOL_KERNEL,
@@ -337,8 +337,8 @@ def bacon_scores(
     Args:
         attn: ``[Hq, w, n]`` window attention (any float dtype; computed in float32).
         num_kv_heads: ``Hkv``.
-        budget: ``K``, kept candidates per head excluding the window (the mean per-head
-            budget when the base method allocates uneven budgets).
+        candidates: ``K`` (:mod:`bacon_sglang.config`; the mean per-head count when the base
+            method allocates unevenly).
         prev_evidence: ``E`` of earlier layers of this request, oldest first, each
             ``[Hkv, n - w]``; the last ``history`` of matching shape are used.
         pool_kernel: avg-pool kernel of ``B`` and ``Q``.
@@ -358,7 +358,7 @@ def bacon_scores(
     return calibrate(
         snapkv_scores(attn, num_kv_heads, pool_kernel),
         last_query_scores(attn, num_kv_heads, pool_kernel),
-        budget,
+        candidates,
         prev_evidence,
         coherence_kernel=coherence_kernel,
         history=history,

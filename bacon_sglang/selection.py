@@ -48,7 +48,7 @@ def top_mask(scores: Tensor, k: int | Tensor) -> Tensor:
 
 def select_keep(
     scores: Tensor,
-    budget_per_head: int | Tensor,
+    candidates: int | Tensor,
     window: int,
     first_candidate: int = 0,
 ) -> Tensor:
@@ -56,16 +56,16 @@ def select_keep(
 
     Args:
         scores: ``[Hkv, T]`` candidate scores (``T = n - w``), higher is kept first.
-        budget_per_head: ``K`` for every head, or ``[Hkv]`` per-head budgets ``k_h``; counts
-            candidates only, the window comes on top. Clamped to the
+        candidates: ``K`` for every head, or ``[Hkv]`` per-head counts ``k_h``
+            (:mod:`bacon_sglang.config`); the window comes on top. Clamped to the
             ``T - first_candidate`` candidates there are (all are kept when there are fewer).
         window: ``w``; indices ``[T, T + w)`` are always kept.
         first_candidate: indices ``[0, first_candidate)`` are never selected and do not count
-            against the budget (a shared prefix kept elsewhere).
+            in ``K`` (a shared prefix kept elsewhere).
 
     Returns:
         ``[Hkv, max_h(k_h) + w]`` int64. Row ``h`` holds its ``k_h + w`` kept indices in
-        ascending order, then :data:`KEEP_PAD` up to the common width. With a uniform budget
+        ascending order, then :data:`KEEP_PAD` up to the common width. With one ``K`` for all
         there is no padding: ``[Hkv, min(K, T - first_candidate) + w]``.
     """
     heads, t = scores.shape
@@ -74,17 +74,17 @@ def select_keep(
     if window < 0:
         raise ValueError(f"negative window {window}")
     device = scores.device
-    budgets = torch.as_tensor(budget_per_head, dtype=torch.long, device=device)
-    budgets = budgets.expand(heads).clamp(0, t - first_candidate)
-    width = int(budgets.max()) if heads else 0
+    per_head = torch.as_tensor(candidates, dtype=torch.long, device=device)
+    per_head = per_head.expand(heads).clamp(0, t - first_candidate)
+    width = int(per_head.max()) if heads else 0
 
     keep = torch.full((heads, width + window), KEEP_PAD, dtype=torch.long, device=device)
     # nonzero() walks row-major: each head's chosen candidates come out in ascending order.
-    rows, cols = top_mask(scores[:, first_candidate:].float(), budgets).nonzero(as_tuple=True)
-    starts = budgets.cumsum(0) - budgets
+    rows, cols = top_mask(scores[:, first_candidate:].float(), per_head).nonzero(as_tuple=True)
+    starts = per_head.cumsum(0) - per_head
     slot = torch.arange(rows.numel(), device=device) - starts[rows]
     keep[rows, slot] = cols + first_candidate
-    after = budgets.unsqueeze(1) + torch.arange(window, device=device)  # [Hkv, w] slots
+    after = per_head.unsqueeze(1) + torch.arange(window, device=device)  # [Hkv, w] slots
     keep.scatter_(1, after, torch.arange(t, t + window, device=device).expand(heads, window))
     return keep
 
@@ -92,7 +92,7 @@ def select_keep(
 def select_keep_packed(
     scores: Tensor,
     lengths: Sequence[int],
-    budgets: Sequence[int],
+    candidates: Sequence[int],
     windows: Sequence[int],
     first_candidates: Sequence[int],
 ) -> list[Tensor]:
@@ -101,21 +101,21 @@ def select_keep_packed(
     Args:
         scores: ``[sum_T, Hkv]`` candidate scores, request ``b`` owning ``T_b`` consecutive
             rows (as :class:`bacon_sglang.paged.Calibrated`).
-        lengths, budgets, windows, first_candidates: ``T_b``, ``K_b``, ``w_b``, ``f_b`` per
+        lengths, candidates, windows, first_candidates: ``T_b``, ``K_b``, ``w_b``, ``f_b`` per
             request, as Python ints (nothing is read back from the GPU).
 
     Returns:
         Per request ``[Hkv, min(K_b, T_b - f_b) + w_b]`` int64, equal to
         ``select_keep(scores_b.T, K_b, w_b, f_b)``: views into one ``[B, Hkv, width]`` tensor.
     """
-    keep = select_keep_layers(scores[None], lengths, budgets, windows, first_candidates)[0]
-    kept = kept_widths(lengths, budgets, windows, first_candidates)
+    keep = select_keep_layers(scores[None], lengths, candidates, windows, first_candidates)[0]
+    kept = kept_widths(lengths, candidates, windows, first_candidates)
     return [keep[b, :, : kept[b]] for b in range(len(kept))]
 
 
 def kept_widths(
     lengths: Sequence[int],
-    budgets: Sequence[int],
+    candidates: Sequence[int],
     windows: Sequence[int],
     first_candidates: Sequence[int],
 ) -> list[int]:
@@ -123,24 +123,24 @@ def kept_widths(
     spans = [t - f for t, f in zip(lengths, first_candidates, strict=True)]
     if any(s < 0 for s in spans) or any(w < 0 for w in windows):
         raise ValueError("need 0 <= first_candidate <= T and windows >= 0")
-    return [max(0, min(k, s)) + w for k, s, w in zip(budgets, spans, windows, strict=True)]
+    return [max(0, min(k, s)) + w for k, s, w in zip(candidates, spans, windows, strict=True)]
 
 
 def select_keep_layers(
     scores: Tensor,
     lengths: Sequence[int],
-    budgets: Sequence[int],
+    candidates: Sequence[int],
     windows: Sequence[int],
     first_candidates: Sequence[int],
 ) -> Tensor:
     """:func:`select_keep` for every layer and request at once: one batched top-k over
-    ``[layers, B, Hkv, candidates]``, a fixed number of operations whatever the depth and
+    ``[layers, B, Hkv, T]``, a fixed number of operations whatever the depth and
     the batch.
 
     Args:
         scores: ``[layers, sum_T, Hkv]`` candidate scores, request ``b`` owning ``T_b``
             consecutive rows in every layer.
-        lengths, budgets, windows, first_candidates: as :func:`select_keep_packed`.
+        lengths, candidates, windows, first_candidates: as :func:`select_keep_packed`.
 
     Returns:
         ``[layers, B, Hkv, width]`` int64: request ``b``'s keep-set of layer ``l`` in
@@ -148,9 +148,9 @@ def select_keep_layers(
     """
     layers, heads, device = scores.shape[0], scores.shape[2], scores.device
     batch = len(lengths)
-    out_width = max(kept_widths(lengths, budgets, windows, first_candidates), default=0)
+    out_width = max(kept_widths(lengths, candidates, windows, first_candidates), default=0)
     spans = [t - f for t, f in zip(lengths, first_candidates, strict=True)]
-    kept = [max(0, min(k, s)) for k, s in zip(budgets, spans, strict=True)]
+    kept = [max(0, min(k, s)) for k, s in zip(candidates, spans, strict=True)]
     width, widest = max(kept, default=0), max(spans, default=0)
     rows0 = [o + f for o, f in zip(host_offsets(lengths), first_candidates, strict=False)]
     meta = to_device([*rows0, *spans, *kept, *first_candidates, *lengths, *windows], device)

@@ -15,8 +15,8 @@ EMNLP 2026; the algorithm as this project implements it: ``bacon_sglang/scoring.
   adjacent, none next to the evidence, in the token order or on the patch grid), new ones in
   every layer.
 
-For each method and budget ``K`` (kept candidates per KV head, the ``w`` window tokens come on
-top) it reports, averaged over layers, KV heads and seeds:
+For each method and ``K`` (candidates per KV head, ``bacon_sglang/config.py``; the ``w`` window
+tokens come on top) it reports, averaged over layers, KV heads and seeds:
 
 - evidence recall: the share of the evidence tokens kept;
 - noise share: the share of the ``K`` kept candidates that are noise spikes (chance level is
@@ -31,6 +31,9 @@ and 4 KV heads on CPU (:func:`cost`).
     python benchmarks/evidence_retention.py            # full run, writes benchmarks/results/
     python benchmarks/evidence_retention.py --quick    # a small run (seconds), *_quick.*
     python benchmarks/evidence_retention.py --report-only   # the .md again from the JSON
+
+The JSON records (``retention`` and ``cost`` rows) store ``K`` under the key ``budget``, as the
+results written before the names were fixed do; the key stays so that those still render.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from bacon_sglang.scoring import (
 from bacon_sglang.selection import select_keep
 
 METHODS = ("snapkv", "bacon-1d", "bacon-2d", "last-query")
-BUDGETS = (256, 128, 64, 32)
+KS = (256, 128, 64, 32)
 
 
 @dataclass(frozen=True)
@@ -185,18 +188,18 @@ def make_request(scene: Scene, seed: int) -> Request:
     return Request(attn, evidence, spikes, (start, s.rows, s.cols))
 
 
-def keep_sets(request: Request, scene: Scene, method: str, budget: int) -> list[torch.Tensor]:
+def keep_sets(request: Request, scene: Scene, method: str, k: int) -> list[torch.Tensor]:
     """Per layer, ``[Hkv, K + w]`` kept indices of one method."""
     hkv, n_layers = scene.num_kv_heads, scene.num_layers
     if method == "last-query":
-        return [select_keep(last_query_scores(a, hkv), budget, scene.window) for a in request.attn]
+        return [select_keep(last_query_scores(a, hkv), k, scene.window) for a in request.attn]
     policy = {
         "snapkv": SnapKV(),
         "bacon-1d": BACON(),
         "bacon-2d": BACON(coherence_2d=True),
     }[method]
     state = RequestState(image_grids=(request.grid,))
-    return [policy.keep(a, hkv, budget, i, n_layers, state) for i, a in enumerate(request.attn)]
+    return [policy.keep(a, hkv, k, i, n_layers, state) for i, a in enumerate(request.attn)]
 
 
 METRICS = {
@@ -206,8 +209,8 @@ METRICS = {
 }
 
 
-def retention(scene: Scene, seeds: list[int], budgets=BUDGETS, methods=METHODS) -> list[dict]:
-    """The :data:`METRICS` per (method, budget), averaged over layers, KV heads and seeds."""
+def retention(scene: Scene, seeds: list[int], ks=KS, methods=METHODS) -> list[dict]:
+    """The :data:`METRICS` per (method, ``K``), averaged over layers, KV heads and seeds."""
     hkv, t = scene.num_kv_heads, scene.length - scene.window
     sums: dict[tuple[str, int], torch.Tensor] = {}
     for seed in seeds:
@@ -218,19 +221,19 @@ def retention(scene: Scene, seeds: list[int], budgets=BUDGETS, methods=METHODS) 
         )
         mass = mass / mass.sum(-1, keepdim=True)
         for method in methods:
-            for budget in budgets:
-                acc = sums.setdefault((method, budget), torch.zeros(4, dtype=torch.float64))
-                keeps = keep_sets(request, scene, method, budget)
+            for k in ks:
+                acc = sums.setdefault((method, k), torch.zeros(4, dtype=torch.float64))
+                keeps = keep_sets(request, scene, method, k)
                 for layer, (keep, spikes) in enumerate(zip(keeps, request.spikes, strict=True)):
                     for head, row in enumerate(keep):
                         kept = row[(row >= 0) & (row < t)]
                         acc[0] += torch.isin(request.evidence, kept).double().mean()
-                        acc[1] += torch.isin(spikes, kept).sum() / budget
+                        acc[1] += torch.isin(spikes, kept).sum() / k
                         acc[2] += mass[layer, head, kept].sum()
                         acc[3] += 1
     return [
-        {"method": m, "budget": b, **dict(zip(METRICS, (acc[:3] / acc[3]).tolist(), strict=True))}
-        for (m, b), acc in sums.items()
+        {"method": m, "budget": k, **dict(zip(METRICS, (acc[:3] / acc[3]).tolist(), strict=True))}
+        for (m, k), acc in sums.items()
     ]
 
 
@@ -240,7 +243,7 @@ def cost(
     num_kv_heads: int = 4,
     num_q_heads: int = 28,
     window: int = 32,
-    budget: int = 64,
+    candidates: int = 64,
     head_dim: int = 128,
     repeats: int = 15,
     threads: int = 1,
@@ -269,14 +272,14 @@ def cost(
             def bacon(attn=attn):
                 prev: list[torch.Tensor] = []
                 for _ in range(num_layers):
-                    _, evidence = bacon_scores(attn, num_kv_heads, budget, prev)
+                    _, evidence = bacon_scores(attn, num_kv_heads, candidates, prev)
                     prev = [*prev[-3:], evidence]
 
             def keep_with(policy, attn=attn):
                 def run():
                     state = RequestState()
                     for layer in range(num_layers):
-                        policy.keep(attn, num_kv_heads, budget, layer, num_layers, state)
+                        policy.keep(attn, num_kv_heads, candidates, layer, num_layers, state)
 
                 return run
 
@@ -310,7 +313,7 @@ def cost(
                     "kv_heads": num_kv_heads,
                     "q_heads": num_q_heads,
                     "window": window,
-                    "budget": budget,
+                    "budget": candidates,
                     "head_dim": head_dim,
                     "threads": threads,
                     **{f"{name}_ms": v for name, v in ms.items()},
@@ -323,13 +326,13 @@ def cost(
     return rows
 
 
-def retention_table(rows: list[dict], budgets=BUDGETS, methods=METHODS) -> str:
-    """Markdown: one line per method, one column per (metric, budget)."""
+def retention_table(rows: list[dict], ks=KS, methods=METHODS) -> str:
+    """Markdown: one line per method, one column per (metric, ``K``)."""
     by_key = {(r["method"], r["budget"]): r for r in rows}
     lines = []
     for metric, title in METRICS.items():
-        rows = [[m, *(f"{by_key[m, b][metric]:.3f}" for b in budgets)] for m in methods]
-        lines.append(markdown_table([title, *(f"K={b}" for b in budgets)], rows))
+        rows = [[m, *(f"{by_key[m, k][metric]:.3f}" for k in ks)] for m in methods]
+        lines.append(markdown_table([title, *(f"K={k}" for k in ks)], rows))
     return "\n\n".join(lines)
 
 
@@ -355,8 +358,8 @@ def cost_table(rows: list[dict]) -> str:
     return markdown_table(header, cells)
 
 
-def plot(rows: list[dict], path: Path, budgets=BUDGETS, methods=METHODS) -> bool:
-    """Each metric against the budget, one panel each; False (nothing written) without
+def plot(rows: list[dict], path: Path, ks=KS, methods=METHODS) -> bool:
+    """Each metric against ``K``, one panel each; False (nothing written) without
     matplotlib."""
     try:
         import matplotlib
@@ -366,14 +369,14 @@ def plot(rows: list[dict], path: Path, budgets=BUDGETS, methods=METHODS) -> bool
     except ImportError:
         return False
     by_key = {(r["method"], r["budget"]): r for r in rows}
-    xs = sorted(budgets)
+    xs = sorted(ks)
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6))
     for ax, (metric, title) in zip(axes, METRICS.items(), strict=True):
         for m in methods:
-            ax.plot(xs, [by_key[m, b][metric] for b in xs], marker="o", label=m)
+            ax.plot(xs, [by_key[m, k][metric] for k in xs], marker="o", label=m)
         ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [str(b) for b in xs])
-        ax.set_xlabel("K (kept candidates per KV head)")
+        ax.set_xticks(xs, [str(k) for k in xs])
+        ax.set_xlabel("K (candidates per KV head)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend()

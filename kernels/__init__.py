@@ -141,7 +141,7 @@ def window_scores(
 def calibrate(
     window_scores: WindowScores,
     q_indptr: Tensor,
-    budget: int | Tensor | Sequence[int],
+    candidates: int | Tensor | Sequence[int],
     prev_evidence: Sequence[Tensor] = (),
     first_candidate: int | Tensor | Sequence[int] = 0,
     *,
@@ -158,7 +158,7 @@ def calibrate(
     Args:
         window_scores: this layer's :func:`window_scores`.
         q_indptr: ``[B + 1]`` window rows per request.
-        budget: ``K`` per request (or one int): the top-``2K`` region.
+        candidates: ``K`` per request (or one int): the top-``2K`` region.
         prev_evidence: earlier layers' ``Calibrated.evidence`` of this batch, oldest first.
         first_candidate: per request, candidates ``[0, f)`` (a shared prefix) stay out of the
             top-``2K`` statistics.
@@ -171,7 +171,7 @@ def calibrate(
         pool_kernel=pool_kernel, coherence_kernel=coherence_kernel, history=history,
         scale=scale, region=region, eps=eps,
     )  # fmt: skip
-    args = (window_scores, q_indptr, budget, prev_evidence, first_candidate)
+    args = (window_scores, q_indptr, candidates, prev_evidence, first_candidate)
     if pick_backend(window_scores.mean, backend) == "torch":
         return paged.calibrate(*args, **options)
     return _kernel_module("calibration").calibrate(*args, **options)
@@ -182,7 +182,7 @@ def keep_sets(
     q_indptr: Tensor,
     k_buffer: Tensor,
     index: KVIndex,
-    budgets: Sequence[int],
+    candidates: Sequence[int],
     prefix_lens: Sequence[int],
     *,
     calibrated: bool,
@@ -192,7 +192,7 @@ def keep_sets(
     backend: Backend | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """One layer's keep-sets for a batch of requests: SnapKV (``calibrated=False``, the
-    pooled window score ``B``) or BACON over SnapKV (the calibrated ``S``), uniform budgets.
+    pooled window score ``B``) or BACON over SnapKV (the calibrated ``S``), one ``K`` per head.
     The per-layer path (4 launches and about 140 operations per layer) that the served pass
     (:mod:`bacon_sglang.kernels.served`, all layers at once) replaced.
 
@@ -200,7 +200,7 @@ def keep_sets(
         q, q_indptr, k_buffer, index, scale: as :func:`window_scores`. Nothing is read back
             from the GPU when ``q_indptr`` is on the CPU and ``index`` knows its lengths
             (:meth:`KVIndex.from_rows`): the call then queues its work and returns.
-        budgets: ``K_b`` kept candidates per head of each request (window excluded).
+        candidates: ``K_b`` per request (:mod:`bacon_sglang.config`).
         prefix_lens: ``P_b``: positions ``[0, P_b)`` (a shared prefix) are never selected.
         prev_evidence: earlier layers' evidence of this batch (second return value), oldest
             first.
@@ -213,11 +213,11 @@ def keep_sets(
     q_indptr = q_indptr.cpu()  # free when given on the CPU, as the integration does
     scores = window_scores(q, q_indptr, k_buffer, index, scale, backend=backend)
     cal = calibrate(
-        scores, q_indptr, budgets, prev_evidence, prefix_lens,
+        scores, q_indptr, candidates, prev_evidence, prefix_lens,
         pool_kernel=pool_kernel, backend=backend,
     )  # fmt: skip
     keep = select_keep_packed(
-        cal.scores if calibrated else cal.base, cal.lengths, budgets,
+        cal.scores if calibrated else cal.base, cal.lengths, candidates,
         q_indptr.diff().tolist(), prefix_lens,
     )  # fmt: skip
     return keep, segments(cal.evidence, host_offsets(cal.lengths))

@@ -170,7 +170,7 @@ def _top_region_stats(
 def calibrate(
     window_scores: WindowScores,
     q_indptr: Tensor,
-    budget: int | Tensor | Sequence[int],
+    candidates: int | Tensor | Sequence[int],
     prev_evidence: Sequence[Tensor] = (),
     first_candidate: int | Tensor | Sequence[int] = 0,
     *,
@@ -194,7 +194,7 @@ def calibrate(
         pool_kernel=pool_kernel, coherence_kernel=coherence_kernel, scale=scale, region=region,
         eps=eps, block_t=block_t,
     )  # fmt: skip
-    cal = _calibrate(scores, q_indptr, budget, first_candidate, trace, 0, **options)
+    cal = _calibrate(scores, q_indptr, candidates, first_candidate, trace, 0, **options)
     return cal._replace(
         scores=cal.scores[0], evidence=cal.evidence[0], base=cal.base[0], lam=cal.lam[0],
         rho=cal.rho[0],
@@ -204,7 +204,7 @@ def calibrate(
 def calibrate_layers(
     window_scores: WindowScores,
     q_indptr: Tensor,
-    budget: int | Sequence[int],
+    candidates: int | Sequence[int],
     first_candidate: int | Sequence[int] = 0,
     *,
     history: int = scoring.HISTORY,
@@ -217,13 +217,15 @@ def calibrate_layers(
     Args:
         window_scores: :func:`~.score_kernels.layer_window_scores`, ``[layers, sum_n, Hkv]``.
         q_indptr: ``[B + 1]`` window rows per request, on the CPU.
-        budget, first_candidate, options: as :func:`calibrate` (``pool_kernel``, ...).
+        candidates, first_candidate, options: as :func:`calibrate` (``pool_kernel``, ...).
 
     Returns:
         :class:`Calibrated` whose ``scores``, ``evidence``, ``base`` are ``[layers, sum_T,
         Hkv]`` and ``lam``, ``rho`` ``[layers, B, Hkv]``.
     """
-    return _calibrate(window_scores, q_indptr, budget, first_candidate, None, history, **options)
+    return _calibrate(
+        window_scores, q_indptr, candidates, first_candidate, None, history, **options
+    )
 
 
 def pool_layers(
@@ -279,7 +281,7 @@ def _launch_evidence(
 def _calibrate(
     window_scores: WindowScores,
     q_indptr: Tensor,
-    budget: int | Tensor | Sequence[int],
+    candidates: int | Tensor | Sequence[int],
     first_candidate: int | Tensor | Sequence[int],
     trace: Tensor | None,
     history: int,
@@ -300,12 +302,12 @@ def _calibrate(
     dev = window_scores.mean.device
     lens = candidate_lengths(window_scores, q_indptr)  # T_b, on the host
     batch, total = len(lens), sum(lens)
-    budgets = per_request(budget, batch)
+    ks = per_request(candidates, batch)
     firsts = per_request(first_candidate, batch)
     if any(not 0 <= f <= t for f, t in zip(firsts, lens, strict=True)):
         raise ValueError("first_candidate must lie in [0, T]")
     spans = [t - f for t, f in zip(lens, firsts, strict=True)]
-    k2 = [max(0, min(region * k, s)) for k, s in zip(budgets, spans, strict=True)]
+    k2 = [max(0, min(region * k, s)) for k, s in zip(ks, spans, strict=True)]
     starts = host_offsets(lens)
     # the batch's small integers in one copy: offsets, first candidate rows, spans, k2
     first_rows = [o + f for o, f in zip(starts[:-1], firsts, strict=True)]

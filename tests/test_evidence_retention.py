@@ -26,7 +26,7 @@ TIGHT = (64, 32)
 
 @pytest.fixture(scope="module")
 def results() -> dict[tuple[str, int], dict]:
-    rows = er.retention(SCENE, SEEDS, budgets=TIGHT)
+    rows = er.retention(SCENE, SEEDS, ks=TIGHT)
     return {(r["method"], r["budget"]): r for r in rows}
 
 
@@ -61,34 +61,34 @@ def test_synthetic_request_has_the_advertised_structure():
     assert torch.all(last > 3 * mean)
 
 
-@pytest.mark.parametrize("budget", TIGHT)
-def test_bacon_recovers_more_evidence_than_snapkv(results, budget):
-    bacon = results["bacon-1d", budget]["evidence_recall"]
-    snapkv = results["snapkv", budget]["evidence_recall"]
+@pytest.mark.parametrize("k", TIGHT)
+def test_bacon_recovers_more_evidence_than_snapkv(results, k):
+    bacon = results["bacon-1d", k]["evidence_recall"]
+    snapkv = results["snapkv", k]["evidence_recall"]
     assert bacon >= snapkv + 0.12 and bacon >= 2 * snapkv
 
 
-@pytest.mark.parametrize("budget", TIGHT)
-def test_bacon_keeps_fewer_spikes_than_last_query(results, budget):
-    bacon = results["bacon-1d", budget]["noise_share"]
-    last = results["last-query", budget]["noise_share"]
+@pytest.mark.parametrize("k", TIGHT)
+def test_bacon_keeps_fewer_spikes_than_last_query(results, k):
+    bacon = results["bacon-1d", k]["noise_share"]
+    last = results["last-query", k]["noise_share"]
     assert bacon <= last - 0.03
 
 
-@pytest.mark.parametrize("budget", TIGHT)
-def test_bacon_keeps_most_of_the_window_mass(results, budget):
-    bacon = results["bacon-1d", budget]["window_mass"]
-    assert bacon >= 0.9 * results["snapkv", budget]["window_mass"]
-    assert bacon >= results["last-query", budget]["window_mass"] + 0.2
+@pytest.mark.parametrize("k", TIGHT)
+def test_bacon_keeps_most_of_the_window_mass(results, k):
+    bacon = results["bacon-1d", k]["window_mass"]
+    assert bacon >= 0.9 * results["snapkv", k]["window_mass"]
+    assert bacon >= results["last-query", k]["window_mass"] + 0.2
 
 
 def test_report_helpers(results, tmp_path):
     rows = list(results.values())
-    table = er.retention_table(rows, budgets=TIGHT)
+    table = er.retention_table(rows, ks=TIGHT)
     assert table.count("| bacon-2d |") == len(er.METRICS)
     cost = er.cost(
         lengths=(300,), num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=8, repeats=1
     )
     assert cost[0]["score_ratio"] > 0 and "| 300 |" in er.cost_table(cost)
     png = tmp_path / "plot.png"
-    assert er.plot(rows, png, budgets=TIGHT) == png.exists()
+    assert er.plot(rows, png, ks=TIGHT) == png.exists()

@@ -153,15 +153,15 @@ def layer_inputs(heads, head_dim, dtype, device, layers, seed):
     return out
 
 
-@pytest.mark.parametrize("budget,first", [(4, 0), ([2, 16, 200], [0, 5, 100])])
-def test_calibrate_matches_reference_over_layers(device, budget, first):
-    """Six layers: Tr over the last 4 layers, per-request budgets (one above T), a shared
+@pytest.mark.parametrize("k,first", [(4, 0), ([2, 16, 200], [0, 5, 100])])
+def test_calibrate_matches_reference_over_layers(device, k, first):
+    """Six layers: Tr over the last 4 layers, per-request ``K`` (one above T), a shared
     prefix outside the top-2K statistics, a request with T = 1."""
     prev_kernel, prev_ref = [], []
     for q, q_indptr, k_buffer, index in layer_inputs((4, 2), 64, torch.float32, device, 6, 7):
         scores = kernels.window_scores(q, q_indptr, k_buffer, index, backend="torch")
-        got = kernels.calibrate(scores, q_indptr, budget, prev_kernel, first, backend="triton")
-        want = kernels.calibrate(scores, q_indptr, budget, prev_ref, first, backend="torch")
+        got = kernels.calibrate(scores, q_indptr, k, prev_kernel, first, backend="triton")
+        want = kernels.calibrate(scores, q_indptr, k, prev_ref, first, backend="torch")
         for name in ("scores", "evidence", "base", "lam", "rho"):
             assert_close(getattr(got, name), getattr(want, name), 1e-5)
         assert torch.equal(got.indptr.cpu(), want.indptr.cpu())
@@ -183,17 +183,17 @@ def test_kernels_end_to_end_equal_scoring(device, heads, head_dim, dtype):
     """window_scores -> calibrate on the paged pool equals scoring.bacon_scores and
     scoring.snapkv_scores on each request's own copy of its K."""
     heads = HEADS[heads]
-    budget = 8
+    k = 8
     prev_kernel: list[torch.Tensor] = []
     prev_ref: list[list[torch.Tensor]] = [[] for _ in LENS]
     for q, q_indptr, k_buffer, index in layer_inputs(heads, head_dim, dtype, device, 3, 11):
         scores = kernels.window_scores(q, q_indptr, k_buffer, index, backend="triton")
-        got = kernels.calibrate(scores, q_indptr, budget, prev_kernel, backend="triton")
+        got = kernels.calibrate(scores, q_indptr, k, prev_kernel, backend="triton")
         prev_kernel.append(got.evidence)
         for b in range(len(LENS)):
             keys = k_buffer[index.slots(b)].transpose(0, 1)
             attn = scoring.window_attention(q[b * WINDOW : (b + 1) * WINDOW].transpose(0, 1), keys)
-            want = scoring.bacon_scores(attn, heads[1], budget, prev_ref[b])
+            want = scoring.bacon_scores(attn, heads[1], k, prev_ref[b])
             prev_ref[b].append(want.evidence)
             rows = slice(int(got.indptr[b]), int(got.indptr[b + 1]))
             assert_close(got.scores[rows].T, want.scores, RTOL[dtype])

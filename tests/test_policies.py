@@ -45,27 +45,27 @@ def layer_attention(layer: int, n: int = N) -> torch.Tensor:
     return window_attention(q, k)
 
 
-def run_layers(policy: Policy, budget: int, first: int = 0, dtype=torch.float32, n: int = N):
+def run_layers(policy: Policy, k: int, first: int = 0, dtype=torch.float32, n: int = N):
     state = RequestState(image_grids=((3, 6, 8),))  # tokens 3..50 form a 6x8 image
     keeps = [
-        policy.keep(layer_attention(i, n).to(dtype), HKV, budget, i, LAYERS, state, first)
+        policy.keep(layer_attention(i, n).to(dtype), HKV, k, i, LAYERS, state, first)
         for i in range(LAYERS)
     ]
     return keeps, state
 
 
 @pytest.mark.parametrize("name", POLICY_MATRIX)
-@pytest.mark.parametrize("budget,first", [(8, 0), (8, 11), (1, 0), (0, 5)])
-def test_keep_contract(name, budget, first):
+@pytest.mark.parametrize("k,first", [(8, 0), (8, 11), (1, 0), (0, 5)])
+def test_keep_contract(name, k, first):
     policy = POLICY_MATRIX[name]
-    keeps, _ = run_layers(policy, budget, first)
+    keeps, _ = run_layers(policy, k, first)
     window = list(range(T, N))
     for layer, keep in enumerate(keeps):
         base = policy.score(layer_attention(layer), HKV)[:, first:]
-        budgets = policy.allocate(base, budget, layer, LAYERS).tolist()
+        per_head = policy.allocate(base, k, layer, LAYERS).tolist()
         assert keep.dtype == torch.long and keep.shape[0] == HKV
-        assert keep.shape[1] == max(budgets) + W
-        for row, k_h in zip(keep.tolist(), budgets, strict=True):
+        assert keep.shape[1] == max(per_head) + W
+        for row, k_h in zip(keep.tolist(), per_head, strict=True):
             valid = [i for i in row if i != KEEP_PAD]
             assert row == valid + [KEEP_PAD] * (len(row) - len(valid))  # padding only at the end
             assert valid == sorted(set(valid))  # sorted, unique
@@ -73,12 +73,12 @@ def test_keep_contract(name, budget, first):
             assert len(valid) == k_h + W
             assert all(first <= i < T for i in valid[:-W])  # the shared prefix is never selected
         if name in UNIFORM:
-            assert len(set(budgets)) == 1 and KEEP_PAD not in keep.tolist()
+            assert len(set(per_head)) == 1 and KEEP_PAD not in keep.tolist()
 
 
 @pytest.mark.parametrize("name", POLICY_MATRIX)
-def test_keep_all_when_budget_exceeds_candidates(name):
-    keeps, _ = run_layers(POLICY_MATRIX[name], budget=T, first=9)
+def test_keep_all_when_asked_for_every_candidate(name):
+    keeps, _ = run_layers(POLICY_MATRIX[name], k=T, first=9)
     for keep in keeps:
         assert keep.tolist() == [list(range(9, N))] * HKV
 
@@ -99,7 +99,7 @@ def test_keep_is_deterministic_and_bf16_ready(name):
 
 
 @pytest.mark.parametrize("name", POLICY_MATRIX)
-def test_layer_budgets_follow_the_base_allocation(name):
+def test_layer_candidates_follow_the_base_allocation(name):
     policy = POLICY_MATRIX[name]
     widths = [k.shape[1] - W for k in run_layers(policy, 8)[0]]
     if isinstance(policy, BACON):

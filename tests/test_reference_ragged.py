@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bacon_sglang import reference
-from bacon_sglang.budgets import sparsemm_budgets
+from bacon_sglang.allocation import sparsemm_candidates
 from bacon_sglang.models import batches, visual_heads, vqa
 from bacon_sglang.policies import BACON, SparseMM
 from bacon_sglang.selection import KEEP_PAD
@@ -87,12 +87,12 @@ def test_ragged_keep_sets_decode(models):
     assert len(tokens) == 6
 
 
-def test_sparsemm_budgets_follow_the_head_scores(models):
+def test_sparsemm_candidates_follow_the_head_scores(models):
     scores = torch.tensor([0.5, 0.25])  # of a 2-layer, 2-head model (the rest elsewhere)
-    caps = sparsemm_budgets(scores, 32, num_layers=2, num_candidates=1000)
+    caps = sparsemm_candidates(scores, 32, num_layers=2, available=1000)
     m = math.floor(0.1 * 32)
     assert caps.tolist() == [round(0.5 * 29 * 4 + m), round(0.25 * 29 * 4 + m)]
-    assert sparsemm_budgets(torch.tensor([0.0, 1.0]), 32, 1, 40).tolist() == [3, 40]
+    assert sparsemm_candidates(torch.tensor([0.0, 1.0]), 32, 1, 40).tolist() == [3, 40]
     _, eager, inputs = models
     heads = visual_heads.load(vqa.MODEL_DIR)
     assert abs(sum(map(sum, heads)) - 1) < 1e-4
@@ -101,7 +101,7 @@ def test_sparsemm_budgets_follow_the_head_scores(models):
         keep = reference.keep_sets_per_layer(eager, inputs, p, 64, 0)
         counts = torch.stack([(k != KEEP_PAD).sum(-1) for k in keep]) - 32
         want = torch.stack(
-            [sparsemm_budgets(torch.tensor(r), 32, len(heads), 10**6) for r in heads]
+            [sparsemm_candidates(torch.tensor(r), 32, len(heads), 10**6) for r in heads]
         )
         assert torch.equal(counts, want.clamp(max=inputs["input_ids"].shape[1] - 32))
     with pytest.raises(ValueError, match="layers of head scores"):

@@ -1,4 +1,4 @@
-"""Scores, selection and budgets against hand-computed cases and naive references."""
+"""Scores, selection and allocation against hand-computed cases and naive references."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bacon_sglang.budgets import adakv_budgets, mean_budget, pyramid_budget, uniform_budgets
+from bacon_sglang.allocation import (
+    adakv_candidates,
+    mean_candidates,
+    pyramid_cap,
+    uniform_candidates,
+)
 from bacon_sglang.scoring import (
     avg_pool,
     bacon_scores,
@@ -55,7 +60,7 @@ def naive_window_attention(q, k, scale):
     return out
 
 
-def naive_bacon(attn, hkv: int, budget: int, prev: list[list[list[float]]]):
+def naive_bacon(attn, hkv: int, candidates: int, prev: list[list[list[float]]]):
     """Returns (S, E) as nested lists [Hkv][T] following BACON.md literally."""
     hq, w, n = attn.shape
     t, g = n - w, hq // hkv
@@ -72,7 +77,7 @@ def naive_bacon(attn, hkv: int, budget: int, prev: list[list[list[float]]]):
         back = [p[h] for p in prev[-4:]]
         tr = [statistics.fmean(p[j] for p in back) if back else 0.0 for j in range(t)]
         v = [e[j] + lo[j] + tr[j] for j in range(t)]
-        k2 = min(2 * budget, t)
+        k2 = min(2 * candidates, t)
         bt, vt = sorted(b, reverse=True)[:k2], sorted(v, reverse=True)[:k2]
         lam = 0.5 * statistics.pstdev(bt) / (statistics.pstdev(vt) + 1e-8)
         rho = min(max(statistics.fmean(vt) / (statistics.fmean(bt) + 1e-8), 0.0), 1.0)
@@ -241,7 +246,7 @@ def test_scale_match_hand_computed():
     lam, rho = scale_match(b, v, 10)
     torch.testing.assert_close(rho, torch.tensor([0.4]))
     torch.testing.assert_close(lam, torch.tensor([0.4 * 0.5 * math.sqrt(2) / math.sqrt(1.36)]))
-    # No budget: no calibration.
+    # No candidates asked for: no calibration.
     assert torch.equal(scale_match(b, v, 0).lam, torch.zeros(1))
 
 
@@ -273,13 +278,13 @@ def test_no_evidence_means_base_score():
 
 
 def test_bacon_scores_match_naive_reference_over_layers():
-    hq, hkv, w, n, budget = 6, 2, 5, 40, 4
+    hq, hkv, w, n, candidates = 6, 2, 5, 40, 4
     prev_t: list[torch.Tensor] = []
     prev_n: list[list[list[float]]] = []
     for layer in range(7):  # layers 0-6: Tr from 0, 1, 2, 3, then the last 4 of 4-6 earlier
         attn = random_attention(hq, hkv, w, n, seed=10 + layer)
-        scores, evidence = bacon_scores(attn, hkv, budget, prev_t)
-        want_s, want_e = naive_bacon(attn, hkv, budget, prev_n)
+        scores, evidence = bacon_scores(attn, hkv, candidates, prev_t)
+        want_s, want_e = naive_bacon(attn, hkv, candidates, prev_n)
         assert scores.shape == evidence.shape == (hkv, n - w)
         torch.testing.assert_close(
             evidence.double(), torch.tensor(want_e, dtype=torch.float64), atol=1e-7, rtol=1e-5
@@ -321,10 +326,10 @@ def test_bacon_scores_bf16_input_is_scored_in_fp32():
 # Selection
 
 
-def naive_keep(scores: list[float], budget: int, window: int, first: int = 0) -> list[int]:
+def naive_keep(scores: list[float], candidates: int, window: int, first: int = 0) -> list[int]:
     t = len(scores)
     order = sorted(range(first, t), key=lambda j: (-scores[j], j))
-    return sorted(order[:budget]) + list(range(t, t + window))
+    return sorted(order[:candidates]) + list(range(t, t + window))
 
 
 def test_select_keep_hand_computed():
@@ -337,35 +342,35 @@ def test_select_keep_hand_computed():
     assert got.tolist() == [[0, 1, 2, 3, 10, 11, 12]] * 2
 
 
-@pytest.mark.parametrize("budget,first", [(0, 0), (3, 0), (7, 5), (30, 0), (30, 20), (5, 25)])
-def test_select_keep_matches_naive_with_ties(budget, first):
-    gen = torch.Generator().manual_seed(budget + first)
+@pytest.mark.parametrize("k,first", [(0, 0), (3, 0), (7, 5), (30, 0), (30, 20), (5, 25)])
+def test_select_keep_matches_naive_with_ties(k, first):
+    gen = torch.Generator().manual_seed(k + first)
     scores = torch.randint(0, 4, (3, 25), generator=gen).float()  # many ties
-    got = select_keep(scores, budget, 6, first)
-    want = [naive_keep(row, budget, 6, first) for row in scores.tolist()]
+    got = select_keep(scores, k, 6, first)
+    want = [naive_keep(row, k, 6, first) for row in scores.tolist()]
     assert got.tolist() == want
-    assert got.shape == (3, min(budget, 25 - first) + 6)  # keeps all when short of candidates
+    assert got.shape == (3, min(k, 25 - first) + 6)  # keeps all when short of candidates
 
 
 def test_select_keep_packed_equals_select_keep_per_request():
     """The batched selection of ``kernels.keep_sets`` over ragged requests with many ties,
-    empty spans, zero budgets and windows, equals :func:`select_keep` request by request."""
+    empty spans, zero candidates and windows, equals :func:`select_keep` request by request."""
     gen = torch.Generator().manual_seed(0)
     for _ in range(100):
         batch = int(torch.randint(1, 5, (1,), generator=gen))
         lengths = torch.randint(0, 40, (batch,), generator=gen).tolist()
         firsts = [int(torch.randint(0, t + 1, (1,), generator=gen)) for t in lengths]
-        budgets = torch.randint(0, 30, (batch,), generator=gen).tolist()
+        ks = torch.randint(0, 30, (batch,), generator=gen).tolist()
         windows = torch.randint(0, 5, (batch,), generator=gen).tolist()
         scores = torch.randint(0, 4, (sum(lengths), 3), generator=gen).float()
-        got = select_keep_packed(scores, lengths, budgets, windows, firsts)
+        got = select_keep_packed(scores, lengths, ks, windows, firsts)
         for b, rows in enumerate(scores.split(lengths)):
-            assert torch.equal(got[b], select_keep(rows.T, budgets[b], windows[b], firsts[b]))
+            assert torch.equal(got[b], select_keep(rows.T, ks[b], windows[b], firsts[b]))
     with pytest.raises(ValueError):
         select_keep_packed(torch.zeros(4, 1), [4], [2], [1], [5])
 
 
-def test_top_mask_matches_naive_with_ties_and_row_budgets():
+def test_top_mask_matches_naive_with_ties_and_row_counts():
     gen = torch.Generator().manual_seed(7)
     scores = torch.randint(0, 3, (4, 30), generator=gen).float()
     ks = [0, 3, 30, 7]
@@ -375,7 +380,7 @@ def test_top_mask_matches_naive_with_ties_and_row_budgets():
         assert [j for j, m in enumerate(mask) if m] == sorted(chosen)
 
 
-def test_select_keep_per_head_budgets_pad_at_the_end():
+def test_select_keep_per_head_counts_pad_at_the_end():
     scores = torch.arange(24, dtype=torch.float32).reshape(3, 8)
     got = select_keep(scores, torch.tensor([2, 0, 3]), 2)
     assert got.tolist() == [
@@ -388,12 +393,12 @@ def test_select_keep_per_head_budgets_pad_at_the_end():
 
 
 # ---------------------------------------------------------------------------------------------
-# Budgets
+# Allocation
 
 
 def test_pyramid_schedule_28_layers_budget_64():
     # "Budget 64" = 32 kept candidates + the 32-token window: K = 32.
-    caps = [pyramid_budget(32, layer, 28, 10_000) for layer in range(28)]
+    caps = [pyramid_cap(32, layer, 28, 10_000) for layer in range(28)]
     assert caps[0] == 63 and caps[27] == 9  # layer 0 keeps 63 + 32, layer 27 keeps 9 + 32
     lo, hi = 32 // 20, 2 * 32 - 32 // 20
     assert caps == [hi - layer * ((hi - lo) // 27) for layer in range(28)]
@@ -401,34 +406,34 @@ def test_pyramid_schedule_28_layers_budget_64():
 
 def test_pyramid_schedule_caps():
     # max = 63 >= T = 50: max = T, min = 2K - T = 14, steps (50 - 14) // 27 = 1.
-    assert [pyramid_budget(32, layer, 28, 50) for layer in (0, 1, 27)] == [50, 49, 23]
-    assert {pyramid_budget(32, layer, 28, 20) for layer in range(28)} == {20}  # K >= T: keep all
-    assert pyramid_budget(32, 0, 1, 1000) == 32
+    assert [pyramid_cap(32, layer, 28, 50) for layer in (0, 1, 27)] == [50, 49, 23]
+    assert {pyramid_cap(32, layer, 28, 20) for layer in range(28)} == {20}  # K >= T: keep all
+    assert pyramid_cap(32, 0, 1, 1000) == 32
 
 
-def test_uniform_budgets():
-    assert uniform_budgets(8, 3, 100).tolist() == [8, 8, 8]
-    assert uniform_budgets(8, 2, 5).tolist() == [5, 5]
+def test_uniform_candidates():
+    assert uniform_candidates(8, 3, 100).tolist() == [8, 8, 8]
+    assert uniform_candidates(8, 2, 5).tolist() == [5, 5]
 
 
-def test_adakv_budgets_hand_computed():
+def test_adakv_candidates_hand_computed():
     # Head 0 wins the whole global top 20: c = [20, 0] -> [0.8*20 + 2, 0.2*10] = [18, 2].
     scores = torch.stack([torch.full((30,), 2.0), torch.ones(30)])
-    assert adakv_budgets(scores, 10).tolist() == [18, 2]
+    assert adakv_candidates(scores, 10).tolist() == [18, 2]
     # c = [5, 4, 3], K=4: shares [4.8, 4.0, 3.2] -> floors [4, 4, 3], one left -> head 0.
     scores = torch.tensor([[10.0] * 5 + [0.0], [9.0] * 4 + [0.0] * 2, [8.0] * 3 + [0.0] * 3])
-    assert adakv_budgets(scores, 4).tolist() == [5, 4, 3]
+    assert adakv_candidates(scores, 4).tolist() == [5, 4, 3]
     # All tied: the global top goes to the lower head first: c = [5, 1] -> [4.6, 1.4] -> [5, 1].
-    assert adakv_budgets(torch.zeros(2, 5), 3).tolist() == [5, 1]
-    assert adakv_budgets(torch.zeros(2, 5), 9).tolist() == [5, 5]  # K >= T: keep all
+    assert adakv_candidates(torch.zeros(2, 5), 3).tolist() == [5, 1]
+    assert adakv_candidates(torch.zeros(2, 5), 9).tolist() == [5, 5]  # K >= T: keep all
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_adakv_budgets_sum_and_floor(seed):
+def test_adakv_candidates_sum_and_floor(seed):
     gen = torch.Generator().manual_seed(seed)
-    heads, t, budget = 4, 50, 13
+    heads, t, k = 4, 50, 13
     scores = torch.rand(heads, t, generator=gen) ** (1 + 4 * torch.rand(heads, 1, generator=gen))
-    caps = adakv_budgets(scores, budget)
-    assert int(caps.sum()) == heads * budget
-    assert int(caps.min()) >= int(0.2 * budget) and int(caps.max()) <= t
-    assert mean_budget(caps) == budget
+    caps = adakv_candidates(scores, k)
+    assert int(caps.sum()) == heads * k
+    assert int(caps.min()) >= int(0.2 * k) and int(caps.max()) <= t
+    assert mean_candidates(caps) == k

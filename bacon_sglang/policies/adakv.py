@@ -1,4 +1,4 @@
-"""AdaKV: SnapKV's score, per-head budgets from the layer's global top-k."""
+"""AdaKV: SnapKV's score, per-head candidates from the layer's global top-k."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from bacon_sglang.budgets import adakv_budgets
+from bacon_sglang.allocation import adakv_candidates
 from bacon_sglang.policies.snapkv import SnapKV
 
 
 @dataclass(frozen=True)
 class AdaKV(SnapKV):
     """Heads share the layer's ``Hkv * K`` tokens by their hits in the global top
-    ``Hkv * K``, each keeping at least ``floor * K`` (:func:`bacon_sglang.budgets.adakv_budgets`).
+    ``Hkv * K``, each keeping at least ``floor * K``
+    (:func:`bacon_sglang.allocation.adakv_candidates`).
     Keep-sets are ragged: shorter rows end in ``KEEP_PAD``.
 
     Attributes:
@@ -22,6 +23,6 @@ class AdaKV(SnapKV):
 
     floor: float = 0.2
 
-    def allocate(self, scores: Tensor, budget: int, layer_idx: int, num_layers: int) -> Tensor:
+    def allocate(self, scores: Tensor, candidates: int, layer_idx: int, num_layers: int) -> Tensor:
         """``[Hkv]`` summing to ``Hkv * min(K, C)`` (see :meth:`Policy.allocate`)."""
-        return adakv_budgets(scores, budget, self.floor)
+        return adakv_candidates(scores, candidates, self.floor)

@@ -16,9 +16,9 @@ from bacon_sglang.selection import select_keep
 class BACON(Policy):
     """Boundary Attention CalibratiON around a base policy ("Last But Not Least", EMNLP 2026).
 
-    Head budgets come from ``base`` and its score ``B``; each head then keeps its top-``K_h``
-    of ``S = B + lam * (E + L + Tr)`` (:func:`bacon_sglang.scoring.calibrate`). The top-2K
-    region uses the layer's mean head budget. ``Q`` is pooled with ``base.pool_kernel``.
+    Per-head counts ``K_h`` come from ``base`` and its score ``B``; each head then keeps its
+    top-``K_h`` of ``S = B + lam * (E + L + Tr)`` (:func:`bacon_sglang.scoring.calibrate`). The
+    top-2K region uses the layer's mean head count. ``Q`` is pooled with ``base.pool_kernel``.
 
     Attributes:
         base: the wrapped policy (``SnapKV``, ``PyramidKV``, ``AdaKV``); not a ``BACON``.
@@ -47,15 +47,15 @@ class BACON(Policy):
         """The base score ``B`` (BACON's own score needs the request state: see :meth:`keep`)."""
         return self.base.score(attn, num_kv_heads)
 
-    def allocate(self, scores: Tensor, budget: int, layer_idx: int, num_layers: int) -> Tensor:
-        """The base policy's budgets, from ``B``."""
-        return self.base.allocate(scores, budget, layer_idx, num_layers)
+    def allocate(self, scores: Tensor, candidates: int, layer_idx: int, num_layers: int) -> Tensor:
+        """The base policy's counts, from ``B``."""
+        return self.base.allocate(scores, candidates, layer_idx, num_layers)
 
     def keep(
         self,
         attn: Tensor,
         num_kv_heads: int,
-        budget: int,
+        candidates: int,
         layer_idx: int,
         num_layers: int,
         state: RequestState,
@@ -66,11 +66,11 @@ class BACON(Policy):
         base = self.base.score(attn, num_kv_heads)
         kernel = getattr(self.base, "pool_kernel", scoring.POOL_KERNEL)
         last = scoring.last_query_scores(attn, num_kv_heads, kernel)
-        budgets = self.allocate(base[:, first_candidate:], budget, layer_idx, num_layers)
+        per_head = self.allocate(base[:, first_candidate:], candidates, layer_idx, num_layers)
         scores, evidence = scoring.calibrate(
             base,
             last,
-            self.base.region_budget(budgets, budget),
+            self.base.region_candidates(per_head, candidates),
             state.evidence,
             coherence_kernel=self.coherence_kernel,
             history=self.history,
@@ -82,4 +82,4 @@ class BACON(Policy):
         )
         state.evidence.append(evidence)
         del state.evidence[: max(0, len(state.evidence) - self.history)]
-        return select_keep(scores, budgets, attn.shape[1], first_candidate)
+        return select_keep(scores, per_head, attn.shape[1], first_candidate)

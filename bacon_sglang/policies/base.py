@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from bacon_sglang.budgets import mean_budget
+from bacon_sglang.allocation import mean_candidates
 from bacon_sglang.scoring import ImageGrid
 from bacon_sglang.selection import select_keep
 
@@ -58,12 +58,12 @@ class Policy(ABC):
         """
 
     @abstractmethod
-    def allocate(self, scores: Tensor, budget: int, layer_idx: int, num_layers: int) -> Tensor:
-        """Per-head budgets of this layer.
+    def allocate(self, scores: Tensor, candidates: int, layer_idx: int, num_layers: int) -> Tensor:
+        """How many candidates each head of this layer keeps.
 
         Args:
             scores: ``[Hkv, C]`` base scores of the ``C`` competing candidates.
-            budget: ``K``, kept candidates per head (the mean, for uneven allocations).
+            candidates: ``K`` (:mod:`bacon_sglang.config`; the mean, for uneven allocations).
             layer_idx: ``l`` in ``[0, L)``.
             num_layers: ``L``.
 
@@ -75,7 +75,7 @@ class Policy(ABC):
         self,
         attn: Tensor,
         num_kv_heads: int,
-        budget: int,
+        candidates: int,
         layer_idx: int,
         num_layers: int,
         state: RequestState,
@@ -87,13 +87,14 @@ class Policy(ABC):
             attn: ``[Hq, w, n]`` window attention of the last ``w`` prompt queries (float32 or
                 bfloat16; scored in float32).
             num_kv_heads: ``Hkv``.
-            budget: ``K``, kept candidates per head excluding the ``w`` window tokens.
+            candidates: ``K``, selected per head besides the ``w`` window tokens
+                (:mod:`bacon_sglang.config`).
             layer_idx: ``l`` in ``[0, L)``.
             num_layers: ``L``.
             state: the request's :class:`RequestState` (read and updated by stateful policies).
             first_candidate: positions ``[0, first_candidate)`` are a shared prefix kept
-                elsewhere: never selected, not counted in the budget; they still take part in
-                the attention and the pooling.
+                elsewhere: never selected, not counted in ``K``; they still take part in the
+                attention and the pooling.
 
         Returns:
             ``[Hkv, max_h(k_h) + w]`` int64 absolute indices in ``[0, n)``, each row sorted, the
@@ -102,11 +103,11 @@ class Policy(ABC):
             pad: ``k_h = min(K_l, n - w - first_candidate)``.
         """
         scores = self.score(attn, num_kv_heads)
-        budgets = self.allocate(scores[:, first_candidate:], budget, layer_idx, num_layers)
-        return select_keep(scores, budgets, attn.shape[1], first_candidate)
+        per_head = self.allocate(scores[:, first_candidate:], candidates, layer_idx, num_layers)
+        return select_keep(scores, per_head, attn.shape[1], first_candidate)
 
-    def region_budget(self, budgets: Tensor, budget: int) -> int:
-        """The per-head budget of BACON's top-2K region for this layer's ``budgets``
-        (``[Hkv]``) when the mean is ``budget``: the layer's mean head budget (SnapKV,
+    def region_candidates(self, per_head: Tensor, candidates: int) -> int:
+        """The per-head ``K`` of BACON's top-2K region for this layer's ``per_head`` counts
+        (``[Hkv]``) when the mean is ``candidates``: the layer's mean head count (SnapKV,
         PyramidKV: the layer's capacity; AdaKV: ``K``)."""
-        return mean_budget(budgets)
+        return mean_candidates(per_head)

@@ -1,4 +1,4 @@
-"""SnapKV: uniform budget, top-k of the pooled window score."""
+"""SnapKV: the same number of candidates everywhere, top-k of the pooled window score."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from bacon_sglang.budgets import uniform_budgets
+from bacon_sglang.allocation import uniform_candidates
 from bacon_sglang.policies.base import Policy
 from bacon_sglang.scoring import POOL_KERNEL, snapkv_scores
 
@@ -25,7 +25,7 @@ class SnapKV(Policy):
         """:func:`bacon_sglang.scoring.snapkv_scores`, ``[Hkv, n - w]`` float32."""
         return snapkv_scores(attn, num_kv_heads, self.pool_kernel)
 
-    def allocate(self, scores: Tensor, budget: int, layer_idx: int, num_layers: int) -> Tensor:
+    def allocate(self, scores: Tensor, candidates: int, layer_idx: int, num_layers: int) -> Tensor:
         """``[Hkv]`` all ``min(K, C)`` (see :meth:`Policy.allocate`)."""
-        heads, candidates = scores.shape
-        return uniform_budgets(budget, heads, candidates).to(scores.device)
+        heads, available = scores.shape
+        return uniform_candidates(candidates, heads, available).to(scores.device)

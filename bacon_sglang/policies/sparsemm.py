@@ -1,4 +1,4 @@
-"""SparseMM: SnapKV's score, per-head budgets from offline visual-head scores."""
+"""SparseMM: SnapKV's score, per-head candidates from offline visual-head scores."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bacon_sglang.budgets import sparsemm_budgets
+from bacon_sglang.allocation import sparsemm_candidates
 from bacon_sglang.policies.snapkv import SnapKV
 
 
 @dataclass(frozen=True)
 class SparseMM(SnapKV):
     """Head ``h`` of layer ``l`` keeps ``round(score_lh * (K - m) * L * Hkv + m)`` candidates
-    (:func:`bacon_sglang.budgets.sparsemm_budgets`), ``m = floor(floor * K)``. Keep-sets are
+    (:func:`bacon_sglang.allocation.sparsemm_candidates`), ``m = floor(floor * K)``. Keep-sets are
     ragged across heads and layers. Not served by SGLang (offline reference only).
 
     Attributes:
@@ -26,17 +26,17 @@ class SparseMM(SnapKV):
     head_scores: tuple[tuple[float, ...], ...] = ()
     floor: float = 0.1
 
-    def allocate(self, scores: Tensor, budget: int, layer_idx: int, num_layers: int) -> Tensor:
-        """``[Hkv]`` budgets of layer ``layer_idx`` (see :meth:`Policy.allocate`)."""
+    def allocate(self, scores: Tensor, candidates: int, layer_idx: int, num_layers: int) -> Tensor:
+        """``[Hkv]`` counts of layer ``layer_idx`` (see :meth:`Policy.allocate`)."""
         if len(self.head_scores) != num_layers:
             raise ValueError(f"{len(self.head_scores)} layers of head scores for {num_layers}")
         row = torch.tensor(self.head_scores[layer_idx], dtype=torch.float64)
         if row.shape[0] != scores.shape[0]:
             raise ValueError(f"{row.shape[0]} head scores for {scores.shape[0]} KV heads")
-        caps = sparsemm_budgets(row, budget, num_layers, scores.shape[1], self.floor)
+        caps = sparsemm_candidates(row, candidates, num_layers, scores.shape[1], self.floor)
         return caps.to(scores.device)
 
-    def region_budget(self, budgets: Tensor, budget: int) -> int:
+    def region_candidates(self, per_head: Tensor, candidates: int) -> int:
         """BACON's top-2K region uses the model-wide mean ``K`` (the release's
         ``base_capacity``), not this layer's mean."""
-        return budget
+        return candidates

@@ -21,13 +21,13 @@ def keep_sets(batch: PrefillBatch) -> Tensor:
     if batch.on_triton():
         from ..calibration import calibrate_layers
 
-        calibrated = calibrate_layers(scores, q_indptr, batch.budgets, batch.prefix_lens,
+        calibrated = calibrate_layers(scores, q_indptr, batch.candidates, batch.prefix_lens,
                                       pool_kernel=batch.pool_kernel).scores  # fmt: skip
         return select(batch, calibrated)
     layers, evidence = [], []
     for mean, last in zip(scores.mean, scores.last, strict=True):
         cal = paged.calibrate(
-            scores._replace(mean=mean, last=last), q_indptr, batch.budgets, evidence,
+            scores._replace(mean=mean, last=last), q_indptr, batch.candidates, evidence,
             batch.prefix_lens, pool_kernel=batch.pool_kernel,
         )  # fmt: skip
         layers.append(cal.scores)

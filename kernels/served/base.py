@@ -33,7 +33,7 @@ class PrefillBatch(NamedTuple):
         k_buffers: per layer ``[num_slots, Hkv, d]``, the pool's K.
         index: the requests' prompt keys (``n_b`` each; :meth:`KVIndex.from_rows` knows the
             lengths on the host).
-        budgets: ``K_b``, kept candidates per head (window excluded).
+        candidates: ``K_b`` (:mod:`bacon_sglang.config`).
         prefix_lens: ``P_b``: positions ``[0, P_b)`` are never selected.
         scale: logit scale (``1 / sqrt(d)`` when None).
         pool_kernel: avg-pool kernel of the window scores.
@@ -44,7 +44,7 @@ class PrefillBatch(NamedTuple):
     windows: Sequence[int]
     k_buffers: Sequence[Tensor]
     index: KVIndex
-    budgets: Sequence[int]
+    candidates: Sequence[int]
     prefix_lens: Sequence[int]
     scale: float | None = None
     pool_kernel: int = scoring.POOL_KERNEL
@@ -54,7 +54,7 @@ class PrefillBatch(NamedTuple):
         """``[B + 1]`` window rows per request, on the CPU."""
         return paged.indptr(torch.tensor(list(self.windows), dtype=torch.long))
 
-    def candidates(self) -> list[int]:
+    def candidate_lengths(self) -> list[int]:
         """``T_b = n_b - w_b`` per request."""
         return [n - w for n, w in zip(self.index.lengths(), self.windows, strict=True)]
 
@@ -85,5 +85,5 @@ def select(batch: PrefillBatch, scores: Tensor) -> Tensor:
     """Each head's top-``K_b`` of ``scores`` ``[layers, sum_T, Hkv]`` plus the window, every
     layer and request at once: ``[layers, B, Hkv, width]`` (see
     :func:`bacon_sglang.selection.select_keep_layers`)."""
-    return select_keep_layers(scores, batch.candidates(), batch.budgets, batch.windows,
-                              batch.prefix_lens)  # fmt: skip
+    return select_keep_layers(scores, batch.candidate_lengths(), batch.candidates,
+                              batch.windows, batch.prefix_lens)  # fmt: skip

@@ -22,7 +22,7 @@ def keep_sets(batch: PrefillBatch) -> Tensor:
     else:
         base = torch.stack([
             paged.calibrate(
-                scores._replace(mean=mean, last=last), batch.q_indptr(), batch.budgets,
+                scores._replace(mean=mean, last=last), batch.q_indptr(), batch.candidates,
                 pool_kernel=batch.pool_kernel,
             ).base
             for mean, last in zip(scores.mean, scores.last, strict=True)

@@ -1,7 +1,7 @@
 """Ad-hoc ablation (issue 13): is PyramidKV's collapse on tiny_doc its starved last layer?
 
-SnapKV with only the last layer's per-head budget set to PyramidKV's last-layer cap, and
-PyramidKV with only its last layer given SnapKV's uniform budget, at budgets 128 and 64; run by
+SnapKV with only the last layer's per-head candidates set to PyramidKV's last-layer cap, and
+PyramidKV with only its last layer given SnapKV's uniform ``K``, at budgets 128 and 64; run by
 ``paper_table.offline_rows`` as the paper table's variable-budget rows (the shipped document
 model, test questions 0..n-1). From the repository root:
 
@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/: paper_table
 import paper_table  # noqa: E402
 
-from bacon_sglang.budgets import pyramid_budgets  # noqa: E402
+from bacon_sglang.allocation import pyramid_candidates  # noqa: E402
 from bacon_sglang.models import vqa  # noqa: E402
 from bacon_sglang.policies import PyramidKV, SnapKV  # noqa: E402
 
@@ -31,21 +31,21 @@ BUDGETS = (128, 64)
 class SnapKVStarvedLast(SnapKV):
     """SnapKV, except that the last layer keeps PyramidKV's last-layer cap per head."""
 
-    def allocate(self, scores, budget, layer_idx, num_layers):
+    def allocate(self, scores, candidates, layer_idx, num_layers):
         if layer_idx == num_layers - 1:
-            heads, candidates = scores.shape
-            return pyramid_budgets(budget, layer_idx, num_layers, heads, candidates)
-        return super().allocate(scores, budget, layer_idx, num_layers)
+            heads, available = scores.shape
+            return pyramid_candidates(candidates, layer_idx, num_layers, heads, available)
+        return super().allocate(scores, candidates, layer_idx, num_layers)
 
 
 @dataclass(frozen=True)
 class PyramidKVFedLast(PyramidKV):
-    """PyramidKV, except that the last layer keeps SnapKV's uniform budget per head."""
+    """PyramidKV, except that the last layer keeps SnapKV's uniform ``K`` per head."""
 
-    def allocate(self, scores, budget, layer_idx, num_layers):
+    def allocate(self, scores, candidates, layer_idx, num_layers):
         if layer_idx == num_layers - 1:
-            return SnapKV.allocate(self, scores, budget, layer_idx, num_layers)
-        return super().allocate(scores, budget, layer_idx, num_layers)
+            return SnapKV.allocate(self, scores, candidates, layer_idx, num_layers)
+        return super().allocate(scores, candidates, layer_idx, num_layers)
 
 
 POLICIES = {

@@ -1,8 +1,8 @@
-"""Budget allocation: how many candidates each (layer, KV head) keeps, window excluded.
+"""Allocation: how many candidates each (layer, KV head) keeps (see :mod:`bacon_sglang.config`).
 
 BACON never changes these; it changes only the score used inside each head. Every allocator
-returns ``[Hkv]`` int64 budgets in ``[0, T]`` for one layer, ``T`` being the candidates there
-are (all are kept when the budget exceeds them).
+returns ``[Hkv]`` int64 counts in ``[0, T]`` for one layer, ``T`` being the candidates there
+are (all are kept when a head's count exceeds them).
 """
 
 from __future__ import annotations
@@ -15,75 +15,75 @@ from torch import Tensor
 from bacon_sglang.selection import top_mask
 
 
-def uniform_budgets(budget: int, num_kv_heads: int, num_candidates: int) -> Tensor:
+def uniform_candidates(candidates: int, num_kv_heads: int, available: int) -> Tensor:
     """SnapKV: ``K`` for every head of every layer.
 
     Returns:
         ``[Hkv]`` int64, all ``min(K, T)``.
     """
-    return torch.full((num_kv_heads,), max(0, min(budget, num_candidates)), dtype=torch.long)
+    return torch.full((num_kv_heads,), max(0, min(candidates, available)), dtype=torch.long)
 
 
-def pyramid_budget(
-    budget: int, layer_idx: int, num_layers: int, num_candidates: int, beta: int = 20
+def pyramid_cap(
+    candidates: int, layer_idx: int, num_layers: int, available: int, beta: int = 20
 ) -> int:
-    """PyramidKV: per-layer budget falling linearly with depth, the same for every head.
+    """PyramidKV: per-layer candidates falling linearly with depth, the same for every head.
 
     ``min = K // beta``, ``max = 2K - min``, ``cap_l = max - l * ((max - min) // (L - 1))``.
     When ``max >= T`` the release sets ``max = T`` and ``min = 2K - T`` (keeping the mean
     near ``K``); every ``cap_l`` is finally clamped to ``[0, T]``. One layer gets ``K``.
 
     Args:
-        budget: ``K``, the mean per-head budget over layers.
+        candidates: ``K``, the mean per-head count over layers.
         layer_idx: ``l`` in ``[0, L)``.
         num_layers: ``L``.
-        num_candidates: ``T``.
-        beta: ratio of ``K`` to the smallest budget.
+        available: ``T``.
+        beta: ratio of ``K`` to the smallest count.
 
     Returns:
         ``cap_l`` as an int.
     """
-    low = budget // beta
-    high = 2 * budget - low
-    if high >= num_candidates:
-        high = num_candidates
-        low = 2 * budget - num_candidates
+    low = candidates // beta
+    high = 2 * candidates - low
+    if high >= available:
+        high = available
+        low = 2 * candidates - available
     if num_layers <= 1:
-        cap = budget
+        cap = candidates
     else:
         cap = high - layer_idx * ((high - low) // (num_layers - 1))
-    return max(0, min(cap, num_candidates))
+    return max(0, min(cap, available))
 
 
-def pyramid_budgets(
-    budget: int,
+def pyramid_candidates(
+    candidates: int,
     layer_idx: int,
     num_layers: int,
     num_kv_heads: int,
-    num_candidates: int,
+    available: int,
     beta: int = 20,
 ) -> Tensor:
-    """:func:`pyramid_budget` for every head of layer ``layer_idx``.
+    """:func:`pyramid_cap` for every head of layer ``layer_idx``.
 
     Returns:
         ``[Hkv]`` int64.
     """
-    cap = pyramid_budget(budget, layer_idx, num_layers, num_candidates, beta)
+    cap = pyramid_cap(candidates, layer_idx, num_layers, available, beta)
     return torch.full((num_kv_heads,), cap, dtype=torch.long)
 
 
-def adakv_budgets(scores: Tensor, budget: int, floor: float = 0.2) -> Tensor:
+def adakv_candidates(scores: Tensor, candidates: int, floor: float = 0.2) -> Tensor:
     """AdaKV: split the layer's ``Hkv * K`` tokens between heads by where the top scores are.
 
     Take the global top ``Hkv * K`` of all heads' scores (ties to the lower head, then the
     lower token), count the hits ``c_h`` per head, and give head ``h``
-    ``(1 - floor) * c_h + floor * K`` rounded so that the budgets still sum to ``Hkv * K``
+    ``(1 - floor) * c_h + floor * K`` rounded so that the counts still sum to ``Hkv * K``
     (largest remainder, ties to the lower head): each is the floor or the ceiling of its
     share, so every head keeps at least ``floor(floor * K)``.
 
     Args:
         scores: ``[Hkv, T]`` the base score of the candidates.
-        budget: ``K``, the mean per-head budget.
+        candidates: ``K``, the mean per-head count.
         floor: the share of ``K`` every head keeps whatever its scores.
 
     Returns:
@@ -91,30 +91,30 @@ def adakv_budgets(scores: Tensor, budget: int, floor: float = 0.2) -> Tensor:
     """
     heads, t = scores.shape
     device = scores.device
-    if budget >= t or budget <= 0:
-        return torch.full((heads,), max(0, min(budget, t)), dtype=torch.long, device=device)
-    total = heads * budget
+    if candidates >= t or candidates <= 0:
+        return torch.full((heads,), max(0, min(candidates, t)), dtype=torch.long, device=device)
+    total = heads * candidates
     hits = top_mask(scores.float().reshape(1, -1), total).reshape(heads, t).sum(-1).double()
-    share = (1.0 - floor) * hits + floor * budget  # sums to `total`
+    share = (1.0 - floor) * hits + floor * candidates  # sums to `total`
     whole = torch.floor(share + 1e-9)
     missing = int(total - whole.sum().item())
     bonus = top_mask((share - whole).unsqueeze(0), max(missing, 0))[0]
     return (whole + bonus.double()).long().clamp(0, t)
 
 
-def mean_budget(budgets: Tensor) -> int:
-    """The average per-head budget of a layer, rounded half up; used for BACON's top-2K region.
+def mean_candidates(per_head: Tensor) -> int:
+    """The average per-head count of a layer, rounded half up; used for BACON's top-2K region.
 
     Args:
-        budgets: ``[Hkv]`` int64.
+        per_head: ``[Hkv]`` int64.
     """
-    return math.floor(budgets.double().mean().item() + 0.5) if budgets.numel() else 0
+    return math.floor(per_head.double().mean().item() + 0.5) if per_head.numel() else 0
 
 
-def sparsemm_budgets(
-    head_scores: Tensor, budget: int, num_layers: int, num_candidates: int, floor: float = 0.1
+def sparsemm_candidates(
+    head_scores: Tensor, candidates: int, num_layers: int, available: int, floor: float = 0.1
 ) -> Tensor:
-    """SparseMM: per-head budgets of one layer from offline "visual head" scores.
+    """SparseMM: per-head counts of one layer from offline "visual head" scores.
 
     ``cap_h = round(score_h * (K - m) * L * Hkv + m)`` with ``m = floor(floor * K)``, clamped
     to ``[0, T]``; the scores of all ``L * Hkv`` heads sum to 1, so the caps average ``K``
@@ -122,15 +122,15 @@ def sparsemm_budgets(
 
     Args:
         head_scores: ``[Hkv]`` this layer's scores (a slice of the model's ``[L, Hkv]``).
-        budget: ``K``, the model-wide mean per-head budget.
+        candidates: ``K``, the model-wide mean per-head count.
         num_layers: ``L``.
-        num_candidates: ``T``.
+        available: ``T``.
         floor: the share of ``K`` every head keeps whatever its score.
 
     Returns:
         ``[Hkv]`` int64.
     """
     heads = head_scores.shape[0]
-    low = math.floor(floor * budget)
-    caps = torch.round(head_scores.double() * (budget - low) * num_layers * heads + low)
-    return caps.long().clamp(0, max(0, num_candidates))
+    low = math.floor(floor * candidates)
+    caps = torch.round(head_scores.double() * (candidates - low) * num_layers * heads + low)
+    return caps.long().clamp(0, max(0, available))
