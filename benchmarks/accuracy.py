@@ -44,6 +44,7 @@ from common import (
     markdown_table,
     results_dir,
     task_model_path,
+    task_record,
 )
 
 from bacon_sglang.config import POLICY_NAMES
@@ -234,11 +235,7 @@ def run(args: argparse.Namespace) -> dict:
         offline = offline_all(args.model_path, samples, pairs, debug_dir, args.dtype)
     rows = summarise(samples, pairs, served, offline)
     record = {
-        "model": str(args.model_path),
-        "task": args.task,
-        "split": "test",
-        "questions": len(samples),
-        "start": args.start,
+        **task_record(args, len(samples)),
         "dtype": args.dtype,
         "machine": machine(),
         "seconds": {"serve": round(serve_s), "total": round(time.perf_counter() - start)},

@@ -70,6 +70,18 @@ def task_model_path(args: argparse.Namespace) -> Path:
     return args.model_path or vqa.shipped_model(args.task)
 
 
+def task_record(args: argparse.Namespace, questions: int) -> dict:
+    """The head of a VQA benchmark's JSON record: model, task, split, questions, first
+    question (``--start``)."""
+    return {
+        "model": str(args.model_path),
+        "task": args.task,
+        "split": "test",
+        "questions": questions,
+        "start": args.start,
+    }
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """A Markdown table: ``header`` cells, then one line per row (cells shown with ``str``)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

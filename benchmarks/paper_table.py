@@ -49,6 +49,7 @@ from common import (
     progress,
     results_dir,
     task_model_path,
+    task_record,
 )
 
 from bacon_sglang.models import batches, visual_heads, vqa
@@ -371,11 +372,7 @@ def run(args: argparse.Namespace) -> dict:
             slots[(method, b)] = min(b, prompt_len)
     result = summarise(samples, answers, slots, agreement, budgets)
     record = {
-        "model": str(args.model_path),
-        "task": args.task,
-        "split": "test",
-        "questions": len(samples),
-        "start": args.start,
+        **task_record(args, len(samples)),
         "budgets": budgets,
         "window": WINDOW,
         "machine": machine(),

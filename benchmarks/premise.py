@@ -32,7 +32,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import add_task_arguments, machine, markdown_table, results_dir, task_model_path
+from common import (
+    add_task_arguments,
+    machine,
+    markdown_table,
+    results_dir,
+    task_model_path,
+    task_record,
+)
 
 from bacon_sglang import scoring
 from bacon_sglang.models import batches, vqa
@@ -165,11 +172,7 @@ def run(args: argparse.Namespace) -> dict:
     mean = per_question.mean(0)  # [layers, scores, Ks]
     table = markdown(mean, len(samples), args.task)
     record = {
-        "model": str(args.model_path),
-        "task": args.task,
-        "split": "test",
-        "questions": len(samples),
-        "start": args.start,
+        **task_record(args, len(samples)),
         "window": WINDOW,
         "ks": list(KS),
         "scores": list(SCORES),
