@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from bacon_sglang.paged import KVIndex, indptr
+from bacon_sglang.policies import Policy
 from bacon_sglang.selection import KEEP_PAD
 
 
@@ -48,6 +49,39 @@ def slots_needed(cells: int, num_layers: int, num_kv_heads: int) -> int:
     """``m``: the slots ``cells`` cells take (each slot holds ``L x H`` cells)."""
     per_slot = num_layers * num_kv_heads
     return -(-cells // per_slot)
+
+
+def kept_cells(
+    policy: Policy,
+    prompt_len: int,
+    prefix_len: int,
+    kept: int,
+    window: int,
+    num_layers: int,
+    heads: int | Sequence[int],
+) -> int:
+    """``C``: the cells a compressed request needs, ``sum n[l, h]`` over every layer and the
+    given KV heads (window included), on the host before its forward (the scheduler then
+    allocates ``slots_needed(C, L, H)`` slots). Every served allocation has a host-computable
+    total: SnapKV's and PyramidKV's depend on ``K, l, L, T`` only, SparseMM's on the offline
+    head scores too, AdaKV's per-layer sum is ``Hkv * min(K, T)``, BACON keeps its base's.
+
+    Args:
+        policy: the request's policy object (``layer_candidates``).
+        prompt_len: ``N``.
+        prefix_len: ``P``, positions never selected (a shared prefix: no cells).
+        kept: the budget resolved for this prompt, window included (``RequestCompression.kept``).
+        window: ``w``, kept in every head.
+        num_layers: ``L``.
+        heads: ``Hkv`` (all heads), or the model's KV heads a tensor-parallel rank holds.
+
+    Returns:
+        ``C`` as an int.
+    """
+    heads = range(heads) if isinstance(heads, int) else heads
+    available = prompt_len - window - prefix_len
+    per_layer = policy.layer_candidates(kept - window, available, num_layers, heads)
+    return sum(per_layer) + num_layers * len(heads) * window
 
 
 def cell_address(

@@ -126,6 +126,26 @@ def kept_widths(
     return [max(0, min(k, s)) + w for k, s, w in zip(candidates, spans, windows, strict=True)]
 
 
+def pad_spans(scores: Tensor, lengths: Sequence[int], first_candidates: Sequence[int]) -> Tensor:
+    """Each request's competing candidates side by side: ``scores`` ``[layers, sum_T, Hkv]``
+    (request ``b`` owning ``T_b`` consecutive rows in every layer) as ``[layers, B, Hkv,
+    widest]`` float32, request ``b``'s candidates ``[f_b, T_b)`` in columns ``[0, span_b)``
+    (``span_b = T_b - f_b``, ``widest`` the largest), ``-inf`` after: never above a real
+    score's rank."""
+    spans = [t - f for t, f in zip(lengths, first_candidates, strict=True)]
+    rows0 = [o + f for o, f in zip(host_offsets(lengths), first_candidates, strict=False)]
+    row0, span = to_device([*rows0, *spans], scores.device).view(2, len(spans))
+    return _padded(scores, row0, span, torch.arange(max(spans, default=0), device=scores.device))
+
+
+def _padded(scores: Tensor, row0: Tensor, span: Tensor, cols: Tensor) -> Tensor:
+    """:func:`pad_spans` from ``row0``, ``span`` ``[B]`` on the device, ``cols`` ``[widest]``
+    the column indices."""
+    rows = (row0[:, None] + cols).clamp(max=max(scores.shape[1] - 1, 0))  # [B, widest]
+    padded = scores[:, rows].float().transpose(2, 3)  # [layers, B, Hkv, widest]
+    return padded.masked_fill((cols >= span[:, None])[:, None], float("-inf"))
+
+
 def select_keep_layers(
     scores: Tensor,
     lengths: Sequence[int],
@@ -133,9 +153,10 @@ def select_keep_layers(
     windows: Sequence[int],
     first_candidates: Sequence[int],
 ) -> Tensor:
-    """:func:`select_keep` for every layer and request at once: one batched top-k over
-    ``[layers, B, Hkv, T]``, a fixed number of operations whatever the depth and
-    the batch.
+    """:func:`select_keep` for every layer and request at once, one ``K_b`` per request: one
+    batched top-k over ``[layers, B, Hkv, T]``, a fixed number of operations whatever the
+    depth and the batch (:func:`select_keep_heads` with ``k = min(K_b, T_b - f_b)`` in every
+    head).
 
     Args:
         scores: ``[layers, sum_T, Hkv]`` candidate scores, request ``b`` owning ``T_b``
@@ -146,28 +167,55 @@ def select_keep_layers(
         ``[layers, B, Hkv, width]`` int64: request ``b``'s keep-set of layer ``l`` in
         ``[l, b, :, :kept_b]`` (``kept_b`` from :func:`kept_widths`), ``KEEP_PAD`` after.
     """
+    widths = kept_widths(lengths, candidates, windows, first_candidates)
+    kept = [n - w for n, w in zip(widths, windows, strict=True)]
+    counts = to_device(kept, scores.device)[:, None]  # [B, 1]: every layer and head
+    return select_keep_heads(scores, counts, kept, lengths, windows, first_candidates)
+
+
+def select_keep_heads(
+    scores: Tensor,
+    counts: Tensor,
+    widths: Sequence[int],
+    lengths: Sequence[int],
+    windows: Sequence[int],
+    first_candidates: Sequence[int],
+) -> Tensor:
+    """:func:`select_keep` for every layer, request and head at once, each (layer, request,
+    head) with its own count: one batched top-k, a fixed number of operations whatever the
+    depth and the batch, nothing read back.
+
+    Args:
+        scores: ``[layers, sum_T, Hkv]`` candidate scores, request ``b`` owning ``T_b``
+            consecutive rows in every layer.
+        counts: ``k`` per (layer, request, head), ``[layers, B, Hkv]`` or broadcastable to it
+            (int64, in ``[0, T_b - f_b]``).
+        widths: per request, an upper bound of its ``k`` (Python ints, ``<= T_b - f_b``).
+        lengths, windows, first_candidates: ``T_b``, ``w_b``, ``f_b`` (Python ints).
+
+    Returns:
+        ``[layers, B, Hkv, max_b(widths_b + w_b)]`` int64: row ``[l, b, h]`` holds its ``k``
+        chosen positions ascending, then the window ``[T_b, T_b + w_b)``, then
+        :data:`KEEP_PAD`.
+    """
     layers, heads, device = scores.shape[0], scores.shape[2], scores.device
     batch = len(lengths)
-    out_width = max(kept_widths(lengths, candidates, windows, first_candidates), default=0)
     spans = [t - f for t, f in zip(lengths, first_candidates, strict=True)]
-    kept = [max(0, min(k, s)) for k, s in zip(candidates, spans, strict=True)]
-    width, widest = max(kept, default=0), max(spans, default=0)
+    out_width = max((k + w for k, w in zip(widths, windows, strict=True)), default=0)
+    width, widest = max(widths, default=0), max(spans, default=0)
     rows0 = [o + f for o, f in zip(host_offsets(lengths), first_candidates, strict=False)]
-    meta = to_device([*rows0, *spans, *kept, *first_candidates, *lengths, *windows], device)
-    row0, span, k, first, t, w = meta.view(6, batch)[..., None, None]  # [B, 1, 1] each
+    meta = to_device([*rows0, *spans, *first_candidates, *lengths, *windows], device)
+    row0, span, first, t, w = meta.view(5, batch)
+    first, t, w = (x[:, None, None] for x in (first, t, w))  # [B, 1, 1] each
+    k = counts.expand(layers, batch, heads)[..., None]  # [layers, B, Hkv, 1]
 
     j = torch.arange(out_width, device=device)
     keep = torch.where(j < k + w, t + j - k, KEEP_PAD)  # the window after the k candidates
     if width == 0:
-        return keep.expand(layers, batch, heads, out_width).contiguous()
+        return keep
     cols = torch.arange(widest, device=device)
-    rows = (row0[:, 0] + cols).clamp(max=scores.shape[1] - 1)  # [B, widest]
-    padded = scores[:, rows].float().transpose(2, 3)  # [layers, B, Hkv, widest]
-    # -inf past each request's span: never above a real score's rank (k_b <= span)
-    padded = padded.masked_fill(cols >= span, float("-inf"))
-    kth = torch.topk(padded, width, dim=-1).values.gather(
-        -1, (k - 1).clamp(min=0).expand(layers, batch, heads, 1)
-    )
+    padded = _padded(scores, row0, span, cols)  # [layers, B, Hkv, widest]
+    kth = torch.topk(padded, width, dim=-1).values.gather(-1, (k - 1).clamp(min=0))
     above, tied = padded > kth, padded == kth
     mask = above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
     # the chosen columns in ascending order: the largest values of widest - col

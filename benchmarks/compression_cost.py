@@ -120,7 +120,8 @@ def pass_call(policy: str, data, batch: int):
     def run():
         prefill = served.PrefillBatch(q, [WINDOW] * batch, keys, KVIndex.from_rows(rows),
                                       [BUDGET - WINDOW] * batch, [0] * batch)  # fmt: skip
-        keep, keep_indptr = pack_layers([served.keep_sets(policy, prefill)], [[BUDGET] * batch])
+        keep = served.keep_sets(policy, prefill).keep
+        keep, keep_indptr = pack_layers([keep], [[BUDGET] * batch])
         prefix = to_device([0] * batch, q.device)  # as patches/attention.compress
         kernels.compact(keys, values, prefill.index, prefix, keep, keep_indptr,
                         KVIndex.from_rows(copies))  # fmt: skip

@@ -53,7 +53,7 @@ from common import (
 )
 
 from bacon_sglang.models import batches, visual_heads, vqa
-from bacon_sglang.policies import BACON, SparseMM, make_policy
+from bacon_sglang.policies import make_policy
 from bacon_sglang.reference import (
     decode_with_keep_sets,
     keep_sets_from_windows,
@@ -104,10 +104,7 @@ def mcnemar(base: list[bool], other: list[bool]) -> dict:
 
 def policy_for(method: str, head_scores):
     """The policy object of ``method`` (SparseMM gets the model's visual-head scores)."""
-    if method.removeprefix("bacon-") == "sparsemm":
-        base = SparseMM(head_scores=head_scores)
-        return BACON(base=base) if method.startswith("bacon-") else base
-    return make_policy(method)
+    return make_policy(method, head_scores=head_scores)
 
 
 NO_IMAGE = "no-image"  # the row without image KV (every text token kept, no image token)

@@ -135,10 +135,10 @@ def _top_region_stats(
     ``[layers, B, Hkv]`` (``lam`` includes ``rho``), as :func:`bacon_sglang.scoring.scale_match`.
 
     ``base``, ``value`` ``[layers, sum_T, Hkv]``; ``first`` ``[B]`` packed row of each
-    request's first candidate, ``spans`` ``[B]`` its candidates, ``k2`` ``[B]`` the size of its
-    top region; ``top`` and ``width`` their maxima, given as Python ints so that nothing is
-    read back from the GPU."""
-    layers, batch, heads, dev = base.shape[0], len(k2), base.shape[2], base.device
+    request's first candidate, ``spans`` ``[B]`` its candidates, ``k2`` ``[1 or layers, B]``
+    the size of its top region (in every layer, or per layer); ``top`` and ``width`` their
+    maxima, given as Python ints so that nothing is read back from the GPU."""
+    layers, batch, heads, dev = base.shape[0], k2.shape[-1], base.shape[2], base.device
     if top == 0:
         zeros = torch.zeros(layers, batch, heads, device=dev)
         return zeros, zeros.clone()
@@ -150,8 +150,8 @@ def _top_region_stats(
         padded = torch.where(inside, x[:, rows], float("-inf"))
         return torch.topk(padded, top, dim=2).values
 
-    ranked = (torch.arange(top, device=dev) < k2[:, None])[..., None]  # [B, top, 1]
-    count = k2.clamp(min=1)[:, None].float()  # [B, 1]
+    ranked = (torch.arange(top, device=dev) < k2[..., None])[..., None]  # [., B, top, 1]
+    count = k2.clamp(min=1)[..., None].float()  # [., B, 1]
 
     def moments(x: Tensor) -> tuple[Tensor, Tensor]:
         x = torch.where(ranked, x, 0.0)
@@ -163,7 +163,7 @@ def _top_region_stats(
     v_mean, v_std = moments(top_values(value))
     lam = scale * b_std / (v_std + eps)
     rho = (v_mean / (b_mean + eps)).clamp(0.0, 1.0)
-    present = (k2 > 0)[:, None]
+    present = (k2 > 0)[..., None]
     return torch.where(present, rho * lam, 0.0), torch.where(present, rho, 0.0)
 
 
@@ -204,7 +204,7 @@ def calibrate(
 def calibrate_layers(
     window_scores: WindowScores,
     q_indptr: Tensor,
-    candidates: int | Sequence[int],
+    candidates: int | Sequence[int] | Sequence[Sequence[int]],
     first_candidate: int | Sequence[int] = 0,
     *,
     history: int = scoring.HISTORY,
@@ -217,7 +217,9 @@ def calibrate_layers(
     Args:
         window_scores: :func:`~.score_kernels.layer_window_scores`, ``[layers, sum_n, Hkv]``.
         q_indptr: ``[B + 1]`` window rows per request, on the CPU.
-        candidates, first_candidate, options: as :func:`calibrate` (``pool_kernel``, ...).
+        candidates: as :func:`calibrate`, or per layer and request ``[layers][B]`` (the
+            top-2K region of an allocation that changes with depth, as PyramidKV's).
+        first_candidate, options: as :func:`calibrate` (``pool_kernel``, ...).
 
     Returns:
         :class:`Calibrated` whose ``scores``, ``evidence``, ``base`` are ``[layers, sum_T,
@@ -281,7 +283,7 @@ def _launch_evidence(
 def _calibrate(
     window_scores: WindowScores,
     q_indptr: Tensor,
-    candidates: int | Tensor | Sequence[int],
+    candidates: int | Tensor | Sequence[int] | Sequence[Sequence[int]],
     first_candidate: int | Tensor | Sequence[int],
     trace: Tensor | None,
     history: int,
@@ -293,8 +295,9 @@ def _calibrate(
     eps: float = scoring.EPS,
     block_t: int | None = None,
 ) -> Calibrated:
-    """Both launchers: ``window_scores`` ``[layers, sum_n, Hkv]``; ``trace`` the persistence
-    term of a single layer, or ``history`` > 0 to take it from the pass's earlier layers."""
+    """Both launchers: ``window_scores`` ``[layers, sum_n, Hkv]``; ``candidates`` per request
+    or per layer and request; ``trace`` the persistence term of a single layer, or ``history``
+    > 0 to take it from the pass's earlier layers."""
     for kernel in (pool_kernel, coherence_kernel):
         if kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"pool kernel must be odd and positive, got {kernel}")
@@ -302,17 +305,24 @@ def _calibrate(
     dev = window_scores.mean.device
     lens = candidate_lengths(window_scores, q_indptr)  # T_b, on the host
     batch, total = len(lens), sum(lens)
-    ks = per_request(candidates, batch)
+    per_layer = not isinstance(candidates, int | Tensor) and any(
+        isinstance(c, Sequence) for c in candidates
+    )
+    ks = [per_request(c, batch) for c in candidates] if per_layer else [
+        per_request(candidates, batch)]  # fmt: skip
+    if per_layer and len(ks) != layers:
+        raise ValueError(f"candidates of {len(ks)} layers for {layers}")
     firsts = per_request(first_candidate, batch)
     if any(not 0 <= f <= t for f, t in zip(firsts, lens, strict=True)):
         raise ValueError("first_candidate must lie in [0, T]")
     spans = [t - f for t, f in zip(lens, firsts, strict=True)]
-    k2 = [max(0, min(region * k, s)) for k, s in zip(ks, spans, strict=True)]
+    k2 = [max(0, min(region * k, s)) for row in ks for k, s in zip(row, spans, strict=True)]
     starts = host_offsets(lens)
     # the batch's small integers in one copy: offsets, first candidate rows, spans, k2
     first_rows = [o + f for o, f in zip(starts[:-1], firsts, strict=True)]
     packed = to_device([*starts, *first_rows, *spans, *k2], dev)
-    offsets, first_d, spans_d, k2_d = packed.split([batch + 1, batch, batch, batch])
+    offsets, first_d, spans_d, k2_d = packed.split([batch + 1, batch, batch, len(k2)])
+    k2_d = k2_d.view(len(ks), batch)  # [1 or layers, B]
 
     base, evidence, value = (torch.empty(layers, total, heads, device=dev) for _ in range(3))
     if total:

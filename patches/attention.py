@@ -106,7 +106,7 @@ def compress(runtime, windows: ForwardWindows, scale: float) -> None:
             [c.kept - w for c, w in zip(compressions, window_lens, strict=True)],
             [c.prefix_len for c in compressions], scale, config.pool_kernel,
         )  # fmt: skip
-        keeps.append(served.keep_sets(config.policy, batch))
+        keeps.append(served.keep_sets(config.policy, batch).keep)
         widths.append([c.kept for c in compressions])
         plans += compressions
     for c in known:  # prefilled again after a retraction: the keep-set its first prefill chose

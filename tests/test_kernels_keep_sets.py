@@ -10,11 +10,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bacon_sglang import kernels
+from bacon_sglang import cells, kernels
 from bacon_sglang.compression import plan_request
 from bacon_sglang.config import CompressionConfig
-from bacon_sglang.policies import make_policy
-from bacon_sglang.scoring import HISTORY
+from bacon_sglang.kernels import served
+from bacon_sglang.policies import RequestState, make_policy
+from bacon_sglang.scoring import HISTORY, window_attention
+from bacon_sglang.selection import KEEP_PAD
 
 HQ, HKV, D, LAYERS = 4, 2, 64, 5  # one layer more than BACON's 4-layer history
 
@@ -174,3 +176,94 @@ def test_keep_sets_read_nothing_back_and_do_not_grow_with_the_batch(
         assert not READS & set(ops.counts), ops.counts
     assert counts[1] == counts[4]
     assert sum(counts[1].values()) > 20  # the recorder saw the call's operations
+
+
+# ---------------------------------------------------------------------------------------------
+# The served keep-sets (kernels.served: every layer at once), every served policy, ragged ones
+# included, against the policy objects; and the cells C the host predicts for them.
+
+SERVED_HQ, SERVED_HKV = 8, 4  # GQA 2; four heads for AdaKV and SparseMM to split
+
+
+def head_scores(gen, layers=LAYERS, heads=SERVED_HKV) -> list[list[float]]:
+    """SparseMM's visual-head scores: skewed, summing to 1 over the model."""
+    scores = torch.rand(layers, heads, generator=gen, dtype=torch.float64) ** 4
+    return (scores / scores.sum()).tolist()
+
+
+def served_batch(q, keys, slots, requests, scores, heads=None, backend=None, device="cpu"):
+    """``served.PrefillBatch`` of ``requests`` (``(n, prefix, budget, window)``), ``q``
+    ``[layers, sum_w, Hq, d]`` and ``keys`` per layer, on ``device``."""
+    kept = [min(budget, n - prefix) for n, prefix, budget, _ in requests]
+    return served.PrefillBatch(
+        q.to(device), [w for *_, w in requests], [k.to(device) for k in keys],
+        kernels.KVIndex.from_rows([r.to(device) for r in slots]),
+        [k - w for k, (*_, w) in zip(kept, requests, strict=True)],
+        [prefix for _, prefix, *_ in requests], backend=backend, head_scores=scores,
+        kv_heads=heads,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("policy", list(served.SERVED))
+def test_served_keep_sets_and_counts_equal_the_per_request_policy(
+    policy, backend, page_size, kernel_device, one_thread
+):
+    """Every served policy, ragged ones included: keep-sets and counts of every layer and
+    request equal ``policy.keep`` run one request and one layer after the other (BACON's
+    persistence carried in its state); rows past a head's count are ``KEEP_PAD``."""
+    gen = torch.Generator().manual_seed(11)
+    slots, keys = make_pool(gen, page_size, SERVED_HKV)
+    scores = head_scores(gen)
+    q = [torch.randn(LAYERS, w, SERVED_HQ, D, generator=gen) for *_, w in REQUESTS]
+    device = kernel_device if backend == "triton" else "cpu"
+    batch = served_batch(torch.cat(q, dim=1), keys, slots, REQUESTS, scores, None, backend,
+                         device)  # fmt: skip
+    keep, counts = (t.cpu() for t in served.keep_sets(policy, batch))
+    assert keep.shape[:3] == counts.shape == (LAYERS, len(REQUESTS), SERVED_HKV)
+    for b, ((n, prefix, *_), row, q_b, k_b) in enumerate(
+        zip(REQUESTS, slots, q, batch.candidates, strict=True)
+    ):
+        rank, state = make_policy(policy, head_scores=scores), RequestState()
+        for layer in range(LAYERS):
+            attn = window_attention(q_b[layer].transpose(0, 1), keys[layer][row].transpose(0, 1))
+            want = rank.keep(attn, SERVED_HKV, k_b, layer, LAYERS, state, prefix)
+            got = keep[layer, b]
+            torch.testing.assert_close(got[:, : want.shape[1]], want, rtol=0, atol=0)
+            assert bool((got[:, want.shape[1] :] == KEEP_PAD).all())
+            torch.testing.assert_close(counts[layer, b], (want != KEEP_PAD).sum(-1))
+            kept = want[want != KEEP_PAD]
+            assert int(kept.max()) < n and int(kept.min()) >= prefix
+
+
+@pytest.mark.parametrize("policy", list(served.SERVED))
+def test_host_predicted_cells_equal_the_served_counts(policy, one_thread):
+    """``cells.kept_cells`` (host data only: prompt, prefix, kept, window, depth, heads, head
+    scores) equals the sum of the served counts, for random prompts, prefixes, budgets and
+    windows, with all KV heads and with tensor-parallel-like head subsets. The torch backend:
+    the counts come from the same allocation code on both, only the scores differ (the
+    matrix above holds them equal)."""
+    gen = torch.Generator().manual_seed(len(policy))
+    layers, group = 3, SERVED_HQ // SERVED_HKV
+    scores = head_scores(gen, layers)
+    for _ in range(3):
+        requests = []
+        for _ in range(4):
+            n = int(torch.randint(40, 260, (1,), generator=gen))
+            prefix = int(torch.randint(0, n // 3, (1,), generator=gen))
+            window = [4, 8, 16][int(torch.randint(0, 3, (1,), generator=gen))]
+            budget = int(torch.randint(window, n - prefix + 1, (1,), generator=gen))
+            requests.append((n, prefix, budget, window))
+        slots, keys = make_pool(gen, 1, SERVED_HKV, 16, [r[0] for r in requests], layers)
+        q = torch.randn(layers, sum(r[3] for r in requests), SERVED_HQ, 16, generator=gen)
+        rank = make_policy(policy, head_scores=scores)
+        for heads in ([0, 1, 2, 3], [0, 1], [2, 3], [1]):
+            q_heads = [h * group + g for h in heads for g in range(group)]
+            batch = served_batch(q[:, :, q_heads], [k[:, heads] for k in keys], slots, requests,
+                                 scores, heads, "torch")  # fmt: skip
+            counts = served.keep_sets(policy, batch).counts
+            for b, (n, prefix, budget, window) in enumerate(requests):
+                kept = min(budget, n - prefix)
+                want = cells.kept_cells(rank, n, prefix, kept, window, layers, heads)
+                assert int(counts[:, b].sum()) == want, (heads, requests[b])

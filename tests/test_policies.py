@@ -15,6 +15,7 @@ from bacon_sglang.policies import (
     PyramidKV,
     RequestState,
     SnapKV,
+    SparseMM,
     make_policy,
 )
 from bacon_sglang.scoring import bacon_scores, snapkv_scores, window_attention
@@ -36,6 +37,9 @@ UNIFORM = {"snapkv", "pyramidkv", "bacon", "bacon-pyramidkv", "bacon-2d"}
 
 HQ, HKV, W, N, LAYERS = 6, 2, 4, 64, 6
 T = N - W
+# SparseMM's visual-head scores [LAYERS][HKV], summing to 1: one head gets most of a layer
+HEAD_SCORES = tuple((0.02 * (i + 1), 0.003 * (LAYERS - i)) for i in range(LAYERS))
+HEAD_SCORES = tuple(tuple(s / sum(map(sum, HEAD_SCORES)) for s in row) for row in HEAD_SCORES)
 
 
 def layer_attention(layer: int, n: int = N) -> torch.Tensor:
@@ -147,13 +151,37 @@ def test_bacon_2d_without_grids_is_1d():
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("name", [*POLICY_MATRIX, "sparsemm", "bacon-sparsemm"])
+def test_layer_candidates_are_the_allocation_summed(name):
+    """What the host plans per layer before any score (``layer_candidates``, the cells of
+    ``cells.kept_cells``) is what ``allocate`` returns from the scores, summed over all the KV
+    heads or a tensor-parallel rank's (AdaKV splits over the rank's heads, SparseMM normalises
+    over the model's)."""
+    policy = POLICY_MATRIX.get(name) or make_policy(name, head_scores=HEAD_SCORES)
+    gen = torch.Generator().manual_seed(len(name))
+    for k, available in [(8, T), (8, 11), (0, T), (T, T), (T + 5, 20), (3, 0)]:
+        for layer in range(LAYERS):
+            scores = torch.rand(HKV, available, generator=gen)
+            full = policy.allocate(scores, k, layer, LAYERS)
+            assert policy.layer_candidates(k, available, LAYERS, range(HKV))[layer] == full.sum()
+            for heads in ([0], [1]):
+                mine = (full[heads] if "sparsemm" in name else
+                        policy.allocate(scores[heads], k, layer, LAYERS))  # fmt: skip
+                assert policy.layer_candidates(k, available, LAYERS, heads)[layer] == mine.sum()
+
+
 def test_make_policy_and_registry():
-    assert {"snapkv", "pyramidkv", "adakv", "bacon"} <= set(POLICIES)
+    assert {"snapkv", "pyramidkv", "adakv", "sparsemm", "bacon"} <= set(POLICIES)
     assert make_policy("bacon") == BACON(base=SnapKV())
     assert make_policy("snapkv", pool_kernel=7) == SnapKV(pool_kernel=7)
     assert make_policy("BACON-AdaKV", 3) == BACON(base=AdaKV(pool_kernel=3))
+    assert make_policy("bacon-sparsemm", 3, HEAD_SCORES) == BACON(
+        base=SparseMM(pool_kernel=3, head_scores=HEAD_SCORES)
+    )
     for name, cls in POLICIES.items():
-        assert isinstance(make_policy(name), cls)
+        assert isinstance(make_policy(name, head_scores=HEAD_SCORES), cls)
+    with pytest.raises(ValueError, match="visual-head scores"):
+        make_policy("sparsemm")
     with pytest.raises(ValueError):
         make_policy("h2o")
     with pytest.raises(TypeError):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from bacon_sglang.allocation import (
     adakv_candidates,
+    adakv_layers,
     mean_candidates,
     pyramid_cap,
     uniform_candidates,
@@ -27,7 +28,14 @@ from bacon_sglang.scoring import (
     snapkv_scores,
     window_attention,
 )
-from bacon_sglang.selection import KEEP_PAD, select_keep, select_keep_packed, top_mask
+from bacon_sglang.selection import (
+    KEEP_PAD,
+    pad_spans,
+    select_keep,
+    select_keep_heads,
+    select_keep_packed,
+    top_mask,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -368,6 +376,34 @@ def test_select_keep_packed_equals_select_keep_per_request():
             assert torch.equal(got[b], select_keep(rows.T, ks[b], windows[b], firsts[b]))
     with pytest.raises(ValueError):
         select_keep_packed(torch.zeros(4, 1), [4], [2], [1], [5])
+
+
+def test_adakv_split_and_per_head_selection_of_all_layers_equal_the_per_request_ones():
+    """The served pass's AdaKV allocation (``adakv_layers``) and selection with a count per
+    (layer, request, head) (``select_keep_heads``), over ragged requests with many ties,
+    empty spans, ``K`` of 0, below and above the span, equal :func:`adakv_candidates` and
+    :func:`select_keep` layer by layer and request by request."""
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(60):
+        layers, batch, heads = (int(torch.randint(1, 5, (1,), generator=gen)) for _ in range(3))
+        lengths = torch.randint(0, 40, (batch,), generator=gen).tolist()
+        firsts = [int(torch.randint(0, t + 1, (1,), generator=gen)) for t in lengths]
+        ks = torch.randint(0, 45, (batch,), generator=gen).tolist()
+        windows = torch.randint(0, 5, (batch,), generator=gen).tolist()
+        scores = torch.rand(layers, sum(lengths), heads, generator=gen)
+        if trial % 2:
+            scores = (scores * 4).floor()  # ties inside and across heads
+        spans = [t - f for t, f in zip(lengths, firsts, strict=True)]
+        counts = adakv_layers(pad_spans(scores, lengths, firsts), ks, spans)
+        widths = [min(s, heads * k) if k < s else s for k, s in zip(ks, spans, strict=True)]
+        keep = select_keep_heads(scores, counts, widths, lengths, windows, firsts)
+        for layer in range(layers):
+            for b, rows in enumerate(scores[layer].split(lengths)):
+                per_head = adakv_candidates(rows.T[:, firsts[b] :], ks[b])
+                assert torch.equal(counts[layer, b], per_head)
+                want = select_keep(rows.T, per_head, windows[b], firsts[b])
+                assert torch.equal(keep[layer, b, :, : want.shape[1]], want)
+                assert bool((keep[layer, b, :, want.shape[1] :] == KEEP_PAD).all())
 
 
 def test_top_mask_matches_naive_with_ties_and_row_counts():

@@ -15,7 +15,8 @@ class AdaKV(SnapKV):
     """Heads share the layer's ``Hkv * K`` tokens by their hits in the global top
     ``Hkv * K``, each keeping at least ``floor * K``
     (:func:`bacon_sglang.allocation.adakv_candidates`).
-    Keep-sets are ragged: shorter rows end in ``KEEP_PAD``.
+    Keep-sets are ragged: shorter rows end in ``KEEP_PAD``. A layer's total is SnapKV's (its
+    ``layer_candidates``): only the split between heads waits for the scores.
 
     Attributes:
         floor: the share of ``K`` every head keeps whatever its scores.

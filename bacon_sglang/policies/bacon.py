@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -50,6 +51,12 @@ class BACON(Policy):
     def allocate(self, scores: Tensor, candidates: int, layer_idx: int, num_layers: int) -> Tensor:
         """The base policy's counts, from ``B``."""
         return self.base.allocate(scores, candidates, layer_idx, num_layers)
+
+    def layer_candidates(
+        self, candidates: int, available: int, num_layers: int, heads: Sequence[int]
+    ) -> list[int]:
+        """The base policy's (see :meth:`Policy.layer_candidates`)."""
+        return self.base.layer_candidates(candidates, available, num_layers, heads)
 
     def keep(
         self,

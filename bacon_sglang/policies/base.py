@@ -14,6 +14,7 @@ replaces the score inside each head.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -105,6 +106,24 @@ class Policy(ABC):
         scores = self.score(attn, num_kv_heads)
         per_head = self.allocate(scores[:, first_candidate:], candidates, layer_idx, num_layers)
         return select_keep(scores, per_head, attn.shape[1], first_candidate)
+
+    @abstractmethod
+    def layer_candidates(
+        self, candidates: int, available: int, num_layers: int, heads: Sequence[int]
+    ) -> list[int]:
+        """Per layer, the candidates the KV heads ``heads`` keep together, known on the host
+        before any score: what :meth:`allocate` returns summed over those heads (for
+        allocations split by the scores, their sum, which is not).
+
+        Args:
+            candidates: ``K``.
+            available: ``C``, the competing candidates (``T`` minus a shared prefix).
+            num_layers: ``L``.
+            heads: the model's KV heads counted (all, or a tensor-parallel rank's).
+
+        Returns:
+            ``[L]`` Python ints.
+        """
 
     def region_candidates(self, per_head: Tensor, candidates: int) -> int:
         """The per-head ``K`` of BACON's top-2K region for this layer's ``per_head`` counts

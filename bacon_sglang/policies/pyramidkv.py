@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
 
-from bacon_sglang.allocation import pyramid_candidates
+from bacon_sglang.allocation import pyramid_candidates, pyramid_cap
 from bacon_sglang.policies.snapkv import SnapKV
 
 
@@ -26,3 +27,12 @@ class PyramidKV(SnapKV):
         heads, available = scores.shape
         caps = pyramid_candidates(candidates, layer_idx, num_layers, heads, available, self.beta)
         return caps.to(scores.device)
+
+    def layer_candidates(
+        self, candidates: int, available: int, num_layers: int, heads: Sequence[int]
+    ) -> list[int]:
+        """``len(heads) * cap_l`` (see :meth:`Policy.layer_candidates`)."""
+        return [
+            len(heads) * pyramid_cap(candidates, layer, num_layers, available, self.beta)
+            for layer in range(num_layers)
+        ]

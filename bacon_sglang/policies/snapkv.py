@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -29,3 +30,9 @@ class SnapKV(Policy):
         """``[Hkv]`` all ``min(K, C)`` (see :meth:`Policy.allocate`)."""
         heads, available = scores.shape
         return uniform_candidates(candidates, heads, available).to(scores.device)
+
+    def layer_candidates(
+        self, candidates: int, available: int, num_layers: int, heads: Sequence[int]
+    ) -> list[int]:
+        """``len(heads) * min(K, C)`` in every layer (see :meth:`Policy.layer_candidates`)."""
+        return [len(heads) * max(0, min(candidates, available))] * num_layers

@@ -1,26 +1,30 @@
 """What every served policy shares: the prefill batch it ranks, and the stages it chains.
 
 A served policy's keep-set function takes one :class:`PrefillBatch` (every layer of the
-forward's finishing requests) and returns their keep-sets, ``[layers, B, Hkv, width]``,
-in a number of kernel launches and PyTorch operations that does not depend on the depth or
-on the batch. The stages below dispatch like ``bacon_sglang.kernels``: the Triton kernels on
-CUDA tensors or under ``TRITON_INTERPRET=1``, else the per-request PyTorch references of
-:mod:`bacon_sglang.paged`, layer by layer (production on CPU).
+forward's finishing requests) and returns their :class:`KeepSets`, ``[layers, B, Hkv, width]``
+padded with ``KEEP_PAD`` and the counts ``[layers, B, Hkv]``, in a number of kernel launches
+and PyTorch operations that does not depend on the depth or on the batch. The stages below
+dispatch like ``bacon_sglang.kernels``: the Triton kernels on CUDA tensors or under
+``TRITON_INTERPRET=1``, else the per-request PyTorch references of :mod:`bacon_sglang.paged`,
+layer by layer (production on CPU).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
 from bacon_sglang import paged, scoring
 from bacon_sglang.paged import KVIndex, WindowScores
-from bacon_sglang.selection import select_keep_layers
+from bacon_sglang.selection import KEEP_PAD, select_keep_heads
 
 from .. import Backend, pick_backend
+
+if TYPE_CHECKING:
+    from .allocation import Allocation
 
 
 class PrefillBatch(NamedTuple):
@@ -38,6 +42,11 @@ class PrefillBatch(NamedTuple):
         scale: logit scale (``1 / sqrt(d)`` when None).
         pool_kernel: avg-pool kernel of the window scores.
         backend: as ``bacon_sglang.kernels`` (None: by device).
+        head_scores: SparseMM's offline visual-head scores of the model, ``[L][Hkv of the
+            model]`` (:func:`bacon_sglang.models.visual_heads.load`), also when the pool holds
+            a few of the heads; other policies ignore them.
+        kv_heads: which of the model's KV heads the pool holds, in order (a tensor-parallel
+            rank's); None: all.
     """
 
     q: Tensor
@@ -49,6 +58,8 @@ class PrefillBatch(NamedTuple):
     scale: float | None = None
     pool_kernel: int = scoring.POOL_KERNEL
     backend: Backend | None = None
+    head_scores: Sequence[Sequence[float]] = ()
+    kv_heads: Sequence[int] | None = None
 
     def q_indptr(self) -> Tensor:
         """``[B + 1]`` window rows per request, on the CPU."""
@@ -57,6 +68,18 @@ class PrefillBatch(NamedTuple):
     def candidate_lengths(self) -> list[int]:
         """``T_b = n_b - w_b`` per request."""
         return [n - w for n, w in zip(self.index.lengths(), self.windows, strict=True)]
+
+    def spans(self) -> list[int]:
+        """``span_b = T_b - P_b`` per request: the candidates that compete."""
+        return [t - p for t, p in zip(self.candidate_lengths(), self.prefix_lens, strict=True)]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k_buffers)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k_buffers[0].shape[1]
 
     def on_triton(self) -> bool:
         """Whether the stages run the Triton kernels."""
@@ -81,9 +104,26 @@ def window_scores(batch: PrefillBatch) -> WindowScores:
     )
 
 
-def select(batch: PrefillBatch, scores: Tensor) -> Tensor:
-    """Each head's top-``K_b`` of ``scores`` ``[layers, sum_T, Hkv]`` plus the window, every
-    layer and request at once: ``[layers, B, Hkv, width]`` (see
-    :func:`bacon_sglang.selection.select_keep_layers`)."""
-    return select_keep_layers(scores, batch.candidate_lengths(), batch.candidates,
-                              batch.windows, batch.prefix_lens)  # fmt: skip
+class KeepSets(NamedTuple):
+    """A served policy's keep-sets of one prefill batch, every layer."""
+
+    keep: Tensor
+    """``[layers, B, Hkv, width]`` int64: row ``(l, b, h)`` holds its kept positions ascending
+    (the window ``[T_b, n_b)`` last), then ``KEEP_PAD``; ``width`` is a host bound
+    (:attr:`.allocation.Allocation.widths`), exactly ``min(K_b, span_b) + w_b`` for one ``K``
+    in every head."""
+    counts: Tensor
+    """``[layers, B, Hkv]`` int64: ``n[l, b, h]``, the kept positions of each row (window
+    included); on the device, nothing read back."""
+
+
+def select(batch: PrefillBatch, scores: Tensor, allocation: Allocation, base: Tensor) -> KeepSets:
+    """Each head's top-``k`` of ``scores`` ``[layers, sum_T, Hkv]`` plus the window, every
+    layer and request at once, ``k`` per (layer, request, head) from ``allocation`` (which may
+    read the base score ``base``, same shape): see
+    :func:`bacon_sglang.selection.select_keep_heads`."""
+    keep = select_keep_heads(
+        scores, allocation.counts(base), allocation.widths, batch.candidate_lengths(),
+        batch.windows, batch.prefix_lens,
+    )  # fmt: skip
+    return KeepSets(keep, (keep != KEEP_PAD).sum(-1))

@@ -1,19 +1,22 @@
-"""SnapKV, served: each head keeps its top-``K`` candidates by the pooled window score ``B``
-(no calibration). Reference: :class:`bacon_sglang.policies.SnapKV`."""
+"""SnapKV's score, served: each head keeps its top-``k`` candidates by the pooled window score
+``B`` (no calibration), ``k`` from the allocation: SnapKV's uniform ``K``, PyramidKV's, AdaKV's
+or SparseMM's (:mod:`.allocation`). References: :class:`bacon_sglang.policies.SnapKV` and its
+subclasses ``PyramidKV``, ``AdaKV``, ``SparseMM``."""
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from bacon_sglang import paged
 
-from .base import PrefillBatch, select, window_scores
+from . import allocation
+from .base import KeepSets, PrefillBatch, select, window_scores
 
 
-def keep_sets(batch: PrefillBatch) -> Tensor:
-    """``[layers, B, Hkv, width]`` keep-sets (see :mod:`.base`): three launches (window
-    scores in two, the pooling in one), then the batched selection."""
+def keep_sets(batch: PrefillBatch, allocate: allocation.Allocator = allocation.uniform) -> KeepSets:
+    """:class:`~.base.KeepSets` of ``batch``: three launches (window scores in two, the
+    pooling in one), then the batched allocation and selection."""
+    split = allocate(batch)
     scores = window_scores(batch)
     if batch.on_triton():
         from ..calibration import pool_layers
@@ -27,4 +30,4 @@ def keep_sets(batch: PrefillBatch) -> Tensor:
             ).base
             for mean, last in zip(scores.mean, scores.last, strict=True)
         ])  # fmt: skip
-    return select(batch, base)
+    return select(batch, base, split, base)
