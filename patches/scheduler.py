@@ -13,7 +13,10 @@
 
 With ``--kv-prefix-cache full`` (the default when the radix cache is on), the plan also
 allocates each finishing request a compressed copy, and after the forward the request's full
-prompt goes into the radix tree as evictable cache (``patches/radix_cache.py``).
+prompt goes into the radix tree as evictable cache (``patches/radix_cache.py``). With
+``--kv-layout cells`` it allocates the request's cell slots instead (either prefix-cache
+mode), and after the forward the row points at them (:func:`place_cells`,
+``patches/cells.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 
 from bacon_sglang.compression import RequestCompression, WindowQueries, plan_request
 from bacon_sglang.config import CompressionConfig, ConfigError
+from bacon_sglang.paged import to_device
 from bacon_sglang.patches import cells, parallel, radix_cache
 from bacon_sglang.patches.metrics import CompressionCounters, make_counters
 from bacon_sglang.patches.server_args import config_of, scale_out_problems
@@ -240,7 +244,7 @@ def plan_entry(runtime: Runtime, batch, i: int, req, q_start: int, q_len: int):
     if finishing:
         runtime.windows.pop(req, None)
         compression = plan_compression(runtime, req, config, full_len, copy)
-        if compression is None:  # no room for its cell slots: served uncompressed
+        if compression is None:  # not compressed after all (cells: no room for the cell slots)
             return None
     return PlanEntry(req, q_start, q_len, window, compression)
 
@@ -336,10 +340,9 @@ def fail_plan(runtime: Runtime, entries: list[PlanEntry], stage: str, error) -> 
     """The forward's compression failed before any KV was moved: every planned request is
     served uncompressed and its copy slots (never pointed at) go back to the pool; rows of
     the cell tables the compaction may have written are cleared."""
-    if cells.CELLS is not None:
-        rows = [e.req.kv.req_pool_idx for e in entries if e.compression and e.compression.cells]
-        if rows:
-            cells.CELLS.clear(torch.tensor(rows).to(cells.CELLS.tables.meta.device))
+    rows = [e.req.kv.req_pool_idx for e in entries if e.compression and e.compression.cells]
+    if rows:
+        cells.CELLS.clear(to_device(rows, cells.CELLS.tables.meta.device))
     for entry in entries:
         c = entry.compression
         if c is not None and c.copy_slots is not None:
@@ -560,9 +563,10 @@ def apply_plan(runtime: Runtime, batch, entries: list[PlanEntry]) -> None:
             req.bacon_keep = RetainedKeep(c.prompt_len, c.prefix_len, c.keep)
         # After a retraction the report is the prompt's, as at its first prefill: the
         # tokens generated before it are no prompt, kept whole, never counted as kept.
+        generated_cells = entry.generated * runtime.num_layers * runtime.num_kv_heads
         prompt_only = dataclasses.replace(
             c, prompt_len=c.prompt_len - entry.generated, kept=c.kept - entry.generated,
-            cells=c.cells and c.cells - entry.generated * runtime.num_layers * runtime.num_kv_heads,
+            cells=c.cells - generated_cells if c.cells else 0,
         )  # fmt: skip
         stats = prompt_only.stats(ps, tree_tokens)
         if req.customized_info is None:
