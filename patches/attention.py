@@ -154,7 +154,7 @@ def compress(runtime, windows: ForwardWindows, scale: float) -> None:
     index = KVIndex.from_rows([c.slots for c in plans])
     dst = KVIndex.from_rows([c.destination() for c in plans])
     runtime.compacting = True  # from here on, a failure may leave KV half moved
-    if runtime.config.layout == "cells":
+    if plans[0].cells:  # --kv-layout cells: the server's, so every request's or none
         compact_into_cells(runtime, plans, index, prefix_lens, dst)
     else:
         kernels.compact(pool.k_buffer, pool.v_buffer, index, prefix_lens, keep, keep_indptr, dst)
