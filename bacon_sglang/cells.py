@@ -21,8 +21,8 @@ A batch's compaction into cells (:func:`compact_cells`, the reference of the ker
 finds the cells (:class:`CellTables`). Its keep-sets come ragged, in cell order
 (:class:`CellKeep`).
 
-Nothing here is served yet: these are the references the Triton kernels and the SGLang
-hooks of the design will be tested against.
+These are the references the Triton kernels are tested against; the server stores KV this
+way with ``--kv-layout cells`` (``patches/cells.py``).
 """
 
 from __future__ import annotations
@@ -152,6 +152,21 @@ class CellKeep(NamedTuple):
         counts = torch.stack([v.sum(-1) for v in valid])
         positions = torch.cat([k[v] for k, v in zip(keeps, valid, strict=True)])
         return cls(positions, counts, indptr(counts.sum((1, 2))))
+
+    @classmethod
+    def uniform(cls, keeps: Sequence[Tensor]) -> CellKeep:
+        """Per-request ``[L, H, n_r]`` keep-sets in which every (layer, head) keeps ``n_r``
+        positions (uniform policies: SnapKV, BACON), in cell order. The counts are the
+        shapes, known on the host: nothing is read back from the device."""
+        num_layers, num_kv_heads = keeps[0].shape[:2]
+        widths = torch.tensor([k.shape[-1] for k in keeps], dtype=torch.long)
+        counts = widths.view(-1, 1, 1).expand(-1, num_layers, num_kv_heads).contiguous()
+        device = keeps[0].device
+        return cls(
+            torch.cat([k.reshape(-1) for k in keeps]),  # (layer, head, j) is cell order
+            counts.to(device, non_blocking=True),
+            indptr(widths * num_layers * num_kv_heads).to(device, non_blocking=True),
+        )
 
 
 class CellTables(NamedTuple):

@@ -29,6 +29,10 @@ Compacted in place (``--kv-prefix-cache shared``, or no room for a copy)::
                 (radix tree: | (each head's kept   | (slots freed,   |   P+kept+t, rotary
                  untouched)  |  K/V, in order)     |  whole pages)   |   position L+t)
 
+With ``--kv-layout cells`` the middle range ``[S, S + m)`` holds ``m`` fresh *cell slots*,
+each holding one kept token of every (layer, KV head) pair (``bacon_sglang/cells.py``); the
+prompt goes to the tree (``full``) or back to the allocator (``shared``) as above.
+
 ``S`` is 0, or with ``--kv-text-prefix share`` the text before the first image (whole pages);
 ``P`` is ``S`` or what the request matched in the radix tree, whichever is longer. ``kept``
 counts the observation window (the last ``w`` prompt tokens, always kept). ``L`` is the
@@ -44,6 +48,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from bacon_sglang.cells import slots_needed
 from bacon_sglang.config import CompressionConfig
 from bacon_sglang.paged import host_offsets, to_device
 from bacon_sglang.policies import Policy, RequestState
@@ -153,8 +158,12 @@ class RequestCompression:
             layer).
         cached_len: tokens of the prompt matched in the radix tree (not prefilled).
         copy_slots: ``[>= kept]`` fresh slots the kept K/V are gathered into (their first
-            ``kept``), or None: compacted in place, into ``slots[P:P + kept]``.
+            ``kept``), or None: compacted in place, into ``slots[P:P + kept]``. With cells,
+            the fresh cell slots (their first :attr:`cell_slots`).
         copy_fallback: a copy was asked for but the pool had no room for it.
+        cells: ``C``, kept tokens of all (layer, KV head) pairs together when they are stored
+            head-granular (``--kv-layout cells``, :mod:`bacon_sglang.cells`); 0: one slot per
+            kept token and every layer and head.
     """
 
     config: CompressionConfig
@@ -167,12 +176,25 @@ class RequestCompression:
     cached_len: int = 0
     copy_slots: Tensor | None = None
     copy_fallback: bool = False
+    cells: int = 0
     state: RequestState = field(default_factory=RequestState)
+
+    def store_in_cells(self) -> None:
+        """Store the keep-sets head-granular: uniform keep-sets, every (layer, KV head)
+        keeps ``kept`` tokens, so ``C = L * Hkv * kept`` cells in ``m = kept`` cell slots."""
+        num_layers, num_kv_heads, _ = self.keep.shape
+        self.cells = num_layers * num_kv_heads * self.kept
+
+    @property
+    def cell_slots(self) -> int:
+        """``m``: the slots the cells take (``ceil(C / (L * Hkv))``), 0 without cells."""
+        num_layers, num_kv_heads, _ = self.keep.shape
+        return slots_needed(self.cells, num_layers, num_kv_heads)
 
     @property
     def new_len(self) -> int:
-        """KV length after compaction: ``P + kept``."""
-        return self.prefix_len + self.kept
+        """KV length after compaction: ``P + kept``, or ``P + m`` with cells."""
+        return self.prefix_len + (self.cell_slots if self.cells else self.kept)
 
     @property
     def evicted(self) -> int:
@@ -184,7 +206,7 @@ class RequestCompression:
         row's prefix followed by the copy's slots."""
         if self.copy_slots is None:
             return (self.slots[: self.new_len],)
-        return self.slots[: self.prefix_len], self.copy_slots[: self.kept]
+        return self.slots[: self.prefix_len], self.copy_slots[: self.new_len - self.prefix_len]
 
     def record(self, layer_id: int, keep: Tensor) -> None:
         """Store layer ``layer_id``'s keep-set ``[Hkv, kept]`` (sorted positions in
@@ -230,9 +252,11 @@ class RequestCompression:
 
         ``freed_slots``: prompt slots the request no longer holds (back to the allocator or,
         with a copy, left in the radix tree as evictable cache); ``tree_tokens``: prompt
-        tokens the radix tree holds for it afterwards (default: its shared prefix)."""
+        tokens the radix tree holds for it afterwards (default: its shared prefix). With
+        cells, also ``layout`` ("cells"), ``cells`` (C), ``cell_slots`` (m) and
+        ``slot_equivalent`` (C / (L * Hkv))."""
         freed_from = -(-self.new_len // page_size) * page_size
-        return {
+        report = {
             "policy": self.config.policy,
             "budget": self.config.budget,
             "prompt_tokens": self.prompt_len,
@@ -245,6 +269,13 @@ class RequestCompression:
             "copy_fallback": self.copy_fallback,
             "tree_tokens": self.prefix_len if tree_tokens is None else tree_tokens,
         }
+        if self.cells:  # --kv-layout cells
+            num_layers, num_kv_heads, _ = self.keep.shape
+            report["layout"] = "cells"
+            report["cells"] = self.cells
+            report["cell_slots"] = self.cell_slots
+            report["slot_equivalent"] = self.cells / (num_layers * num_kv_heads)
+        return report
 
 
 def plan_request(

@@ -28,6 +28,7 @@ from typing import Any
 POLICY_NAMES: tuple[str, ...] = ("none", "snapkv", "bacon")
 TEXT_PREFIX_MODES: tuple[str, ...] = ("compress", "share")
 PREFIX_CACHE_MODES: tuple[str, ...] = ("full", "shared")
+LAYOUTS: tuple[str, ...] = ("slots", "cells")
 
 # Flag name -> (config field, help text). The flags, the Engine keyword arguments and the
 # per-request override keys are all derived from this one table.
@@ -64,6 +65,13 @@ FLAGS: dict[str, tuple[str, str]] = {
         "compressed copy (a later request with the same image or chat history hits the "
         "cache); shared: only the prefix it matched (and the text kept by "
         "--kv-text-prefix share); the prompt is compacted in place and never cached.",
+    ),
+    "--kv-layout": (
+        "layout",
+        "How a compressed request's kept KV is stored: slots (default): each kept token in "
+        "its own slot, every layer and KV head (a request holds its largest keep-set); "
+        "cells: head-granular, each (layer, KV head) keeps its own tokens packed into whole "
+        "slots (a request holds the sum of its keep-sets; patches/head_granular.md).",
     ),
     "--kv-debug-dir": (
         "debug_dir",
@@ -103,6 +111,7 @@ class CompressionConfig:
     min_prompt: int | None = None
     text_prefix: str = "compress"
     prefix_cache: str = "full"
+    layout: str = "slots"
     debug_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -120,6 +129,10 @@ class CompressionConfig:
             raise ConfigError(
                 f"--kv-prefix-cache: expected one of {', '.join(PREFIX_CACHE_MODES)}, "
                 f"got {self.prefix_cache!r}"
+            )
+        if self.layout not in LAYOUTS:
+            raise ConfigError(
+                f"--kv-layout: expected one of {', '.join(LAYOUTS)}, got {self.layout!r}"
             )
         _require_int("--kv-window", self.window, minimum=1)
         _require_int("--kv-pool-kernel", self.pool_kernel, minimum=1)

@@ -21,7 +21,7 @@ functions here are its per-layer building blocks and the path it replaced::
     calibrate(scores, ...) -> Calibrated    (B, E, S per candidate; .base for SnapKV)
     ... keep-set per head (bacon_sglang.selection) ...
     compact(k_buffers, v_buffers, ...)      (all layers at once, after the last layer)
-      or compact_cells(...)                 (into head-granular cells, not served yet:
+      or compact_cells(...)                 (into head-granular cells, --kv-layout cells:
                                              patches/head_granular.md)
 
 :func:`keep_sets` chains the first three for one layer of a batch (the per-layer path, kept

@@ -11,6 +11,7 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from bacon_sglang.patches import (
     attention,
+    cells,
     cuda_graph,
     entrypoints,
     forward_batch,
@@ -27,6 +28,7 @@ MODULES = (
     tokenizer_manager,
     scheduler,
     attention,
+    cells,
     forward_batch,
     schedule_batch,
     output_streamer,

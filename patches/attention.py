@@ -25,6 +25,13 @@ layer's attention (AFTER, so this forward's own attention saw the full KV):
 The buffer is dropped when the pass ends, and by the scheduler when the forward does
 (``Runtime.forward``).
 
+With ``--kv-layout cells`` (``patches/cells.py``'s state exists): at layer 0 of every extend
+forward the batch's rows of the cell tables are cleared; step 2 gathers the kept K/V into
+cells instead (``bacon_sglang.kernels.compact_cells``, which writes the finishing requests'
+rows of the tables); and after every layer of a decode forward, the rows of requests that
+hold cells are overwritten by attention over their cells (``bacon_sglang.kernels.
+decode_attention``), a launch made whatever the batch, so a captured decode contains it.
+
 ``HybridAttnBackend`` calls its sub-backends' ``forward`` with keywords, hence the
 unpacking below.
 """
@@ -32,11 +39,14 @@ unpacking below.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from bacon_sglang import kernels
+from bacon_sglang.cells import CellKeep
 from bacon_sglang.compression import ForwardWindows
 from bacon_sglang.kernels import served
 from bacon_sglang.paged import KVIndex, pack_layers, to_device
+from bacon_sglang.patches import cells
 from bacon_sglang.patches import scheduler as scheduler_patch
 
 _ARG_NAMES = ("q", "k", "v", "layer", "forward_batch")
@@ -50,12 +60,19 @@ def _arguments(args, kwargs) -> dict:
 
 def after_attention_forward(result, backend, *args, **kwargs):
     """AFTER ``AttentionBackend.forward(self, q, k, v, layer, forward_batch, ...)``."""
-    runtime = scheduler_patch.RUNTIME
-    if runtime is None or runtime.plan is None:
+    runtime, cell_state = scheduler_patch.RUNTIME, cells.CELLS
+    if cell_state is None and (runtime is None or runtime.plan is None):
         return result
     a = _arguments(args, kwargs)
     layer, forward_batch = a["layer"], a["forward_batch"]
-    if forward_batch.forward_mode.name != "EXTEND":
+    mode = forward_batch.forward_mode
+    if cell_state is not None and mode.is_decode():
+        return decode_over_cells(cell_state, a["q"], result, layer, forward_batch)
+    if mode.name != "EXTEND":
+        return result
+    if cell_state is not None and layer.layer_id == 0:
+        cell_state.clear(forward_batch.req_pool_indices)
+    if runtime is None or runtime.plan is None:
         return result
     q = a["q"].reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
     try:
@@ -74,6 +91,22 @@ def after_attention_forward(result, backend, *args, **kwargs):
         compacting, runtime.forward, runtime.compacting = runtime.compacting, None, False
         scheduler_patch.contain_forward_failure(runtime, exc, compacting)
     return result
+
+
+def decode_over_cells(cell_state, q: Tensor, out: Tensor, layer, forward_batch) -> Tensor:
+    """A decode forward's attention output ``out`` ``[bs, Hq * d_v]`` with the rows of
+    requests that hold cells overwritten in place by their attention over their cells and
+    ordinary tokens (:meth:`bacon_sglang.patches.cells.CellState.decode`); ``q`` the
+    layer's queries (``[bs, Hq * d]`` or ``[bs, Hq, d]``). Launched for every decode batch:
+    rows without cells are left as SGLang computed them."""
+    with torch.no_grad():
+        cell_state.decode(
+            q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim),
+            out.view(-1, layer.tp_q_head_num, layer.v_head_dim),
+            layer,
+            forward_batch,
+        )
+    return out
 
 
 def replay(runtime, replayed, q: torch.Tensor, layer, out: torch.Tensor) -> torch.Tensor:
@@ -121,8 +154,26 @@ def compress(runtime, windows: ForwardWindows, scale: float) -> None:
     index = KVIndex.from_rows([c.slots for c in plans])
     dst = KVIndex.from_rows([c.destination() for c in plans])
     runtime.compacting = True  # from here on, a failure may leave KV half moved
-    kernels.compact(pool.k_buffer, pool.v_buffer, index, prefix_lens, keep, keep_indptr, dst)
+    if plans[0].cells:  # --kv-layout cells: the server's, so every request's or none
+        compact_into_cells(runtime, plans, index, prefix_lens, dst)
+    else:
+        kernels.compact(pool.k_buffer, pool.v_buffer, index, prefix_lens, keep, keep_indptr, dst)
     runtime.compacting = False
+
+
+def compact_into_cells(runtime, plans: list, index: KVIndex, prefix_lens: Tensor, dst: KVIndex):
+    """``--kv-layout cells``: every planned request's kept K/V (``c.keep`` ``[L, Hkv, kept]``,
+    uniform) gathered into its cell slots (``dst``: the row's ``[0, S)`` then its ``m`` cell
+    slots) and its row of the cell tables written, in one launch
+    (``bacon_sglang.kernels.compact_cells``); nothing is read back."""
+    pool = runtime.kv_pool
+    rows = {id(e.compression): e.req.kv.req_pool_idx for e in runtime.plan if e.compression}
+    req_pool_indices = to_device([rows[id(c)] for c in plans], prefix_lens.device)
+    keep = CellKeep.uniform([c.keep for c in plans])
+    kernels.compact_cells(
+        pool.k_buffer, pool.v_buffer, index, prefix_lens, keep, dst, cells.CELLS.tables,
+        req_pool_indices,
+    )  # fmt: skip
 
 
 HOOKS = [

@@ -2,8 +2,9 @@
 
 ``sglang.Engine(model_path=..., kv_policy="bacon", kv_budget=64)`` takes the same names as
 the flags (``kv_policy``, ``kv_budget``, ``kv_window``, ``kv_pool_kernel``,
-``kv_min_prompt``, ``kv_text_prefix``, ``kv_prefix_cache``). ``Engine.__init__`` builds
-``ServerArgs(**kwargs)``, which rejects unknown keywords, so they are taken out first:
+``kv_min_prompt``, ``kv_text_prefix``, ``kv_prefix_cache``, ``kv_layout``).
+``Engine.__init__`` builds ``ServerArgs(**kwargs)``, which rejects unknown keywords, so they
+are taken out first:
 
 * ``Engine.__init__`` (BEFORE): pops the ``kv_*`` keywords, validates them, and remembers
   the config for this construction.

@@ -4,9 +4,10 @@
   (SGLang's ``release_req`` frees ``[cache_protected_len, kv_committed_len)``, which after
   compaction is exactly what the request still holds) and is prefilled again from its tokens
   later. Its position offset belongs to the released KV, so it is dropped here, and so are
-  any stashed window queries; the keep-set its prefill chose stays on the request
-  (``req.bacon_keep``): the prefill after the retraction compacts its prompt to the same
-  tokens, recomputes the tokens it generated over the kept KV and keeps them whole
+  any stashed window queries and its count of cells held (``--kv-layout cells``); the
+  keep-set its prefill chose stays on the request (``req.bacon_keep``): the prefill after
+  the retraction compacts its prompt to the same tokens (into cells again with ``--kv-layout
+  cells``), recomputes the tokens it generated over the kept KV and keeps them whole
   (``patches/scheduler.py``, ``bacon_sglang/retraction.py``).
 * ``ScheduleBatch._get_decode_retraction_order`` (AFTER): compressed requests are the last
   to be retracted (:func:`retraction_order`).
@@ -28,6 +29,7 @@ def after_reset_for_retract(result, req, *args, **kwargs):
     req.bacon_position_offset = 0
     if scheduler.RUNTIME is not None:
         scheduler.RUNTIME.windows.pop(req, None)
+        scheduler.RUNTIME.cell_requests.pop(req, None)
     return result
 
 

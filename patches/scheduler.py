@@ -13,7 +13,10 @@
 
 With ``--kv-prefix-cache full`` (the default when the radix cache is on), the plan also
 allocates each finishing request a compressed copy, and after the forward the request's full
-prompt goes into the radix tree as evictable cache (``patches/radix_cache.py``).
+prompt goes into the radix tree as evictable cache (``patches/radix_cache.py``). With
+``--kv-layout cells`` it allocates the request's cell slots instead (either prefix-cache
+mode), and after the forward the row points at them (:func:`place_cells`,
+``patches/cells.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import torch
 
 from bacon_sglang.compression import RequestCompression, WindowQueries, plan_request
 from bacon_sglang.config import CompressionConfig, ConfigError
-from bacon_sglang.patches import parallel, radix_cache
+from bacon_sglang.paged import to_device
+from bacon_sglang.patches import cells, parallel, radix_cache
 from bacon_sglang.patches.metrics import CompressionCounters, make_counters
 from bacon_sglang.patches.server_args import config_of, scale_out_problems
 from bacon_sglang.policies import Policy, make_policy
@@ -88,8 +92,11 @@ class Runtime:
     copies: int = 0  # compressed into a copy, full prompt left in the radix tree
     copy_fallbacks: int = 0  # a copy was asked for, the pool had no room: in place
     failures: int = 0  # compression failed for a request, served uncompressed
+    cell_fallbacks: int = 0  # --kv-layout cells, no room for the cell slots: uncompressed
     retraction_reuses: int = 0  # prefills after a retraction that reused the keep-set
     counters: CompressionCounters | None = None  # Prometheus, with --enable-metrics
+    # --kv-layout cells: (C, m) of each request whose row holds cells, until it gives it back
+    cell_requests: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
 
     def policy(self, config: CompressionConfig) -> Policy:
         key = (config.policy, config.pool_kernel)
@@ -141,6 +148,8 @@ def unsupported(scheduler, kv_pool) -> list[str]:
     if type(kv_pool) is not MHATokenToKVPool:
         problems.append(f"KV pool {type(kv_pool).__name__} (only MHATokenToKVPool)")
     problems += refused_execution_paths(scheduler)  # graphs, attention backend
+    if config_of(server_args).layout == "cells":
+        problems += cells.problems(scheduler, kv_pool)
     return problems
 
 
@@ -161,8 +170,9 @@ def after_scheduler_init(result, scheduler, server_args, *args, **kwargs):
     kv_pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
     problems = unsupported(scheduler, kv_pool)
     if problems:
+        layout = " --kv-layout cells" if config.layout == "cells" else ""
         raise RuntimeError(
-            f"--kv-policy {config.policy} cannot be used with: {', '.join(problems)}. "
+            f"--kv-policy {config.policy}{layout} cannot be used with: {', '.join(problems)}. "
             "Remove those options or use --kv-policy none."
         )
     RUNTIME = Runtime(
@@ -234,6 +244,8 @@ def plan_entry(runtime: Runtime, batch, i: int, req, q_start: int, q_len: int):
     if finishing:
         runtime.windows.pop(req, None)
         compression = plan_compression(runtime, req, config, full_len, copy)
+        if compression is None:  # not compressed after all (cells: no room for the cell slots)
+            return None
     return PlanEntry(req, q_start, q_len, window, compression)
 
 
@@ -289,8 +301,10 @@ def reuse_compression(
         config, runtime.policy(config), full_len, prefix_len, keep.shape[-1], slots, keep,
         cached_len=req.kv.cache_protected_len,
     )  # fmt: skip
-    if copy:
-        c.copy_slots = radix_cache.alloc_copy(runtime.tree_cache, c.kept)
+    if config.layout == "cells":  # the generated tokens become cells of every (layer, head)
+        c.store_in_cells()
+    if copy or c.cells:
+        c.copy_slots = radix_cache.alloc_copy(runtime.tree_cache, c.new_len - prefix_len)
         if c.copy_slots is None:
             record_failure(runtime, req, "retraction", "no room for the compressed copy")
             return None
@@ -303,9 +317,7 @@ def record_failure(runtime: Runtime, req, stage: str, error) -> None:
     uncompressed from here on (and cached as SGLang would, unless the prefill after a
     retraction already recomputed its generated tokens over the kept KV), the failure counted in
     ``/server_info`` and Prometheus, one log line with the rid."""
-    req.bacon_failed = True
-    req.skip_radix_cache_insert = getattr(req, "bacon_replayed", False)
-    runtime.windows.pop(req, None)
+    serve_uncompressed(runtime, req)
     runtime.failures += 1
     if runtime.counters is not None:
         runtime.counters.failures.inc()
@@ -315,9 +327,22 @@ def record_failure(runtime: Runtime, req, stage: str, error) -> None:
     )  # fmt: skip
 
 
+def serve_uncompressed(runtime: Runtime, req) -> None:
+    """``req`` is not compressed from here on (nor after a retraction): cached as SGLang
+    would, unless the prefill after a retraction already recomputed its generated tokens
+    over the kept KV; its stashed window queries are dropped."""
+    req.bacon_failed = True
+    req.skip_radix_cache_insert = getattr(req, "bacon_replayed", False)
+    runtime.windows.pop(req, None)
+
+
 def fail_plan(runtime: Runtime, entries: list[PlanEntry], stage: str, error) -> None:
     """The forward's compression failed before any KV was moved: every planned request is
-    served uncompressed and its copy slots (never pointed at) go back to the pool."""
+    served uncompressed and its copy slots (never pointed at) go back to the pool; rows of
+    the cell tables the compaction may have written are cleared."""
+    rows = [e.req.kv.req_pool_idx for e in entries if e.compression and e.compression.cells]
+    if rows:
+        cells.CELLS.clear(to_device(rows, cells.CELLS.tables.meta.device))
     for entry in entries:
         c = entry.compression
         if c is not None and c.copy_slots is not None:
@@ -401,6 +426,8 @@ def plan_compression(
         )
 
     c = plan(copy)
+    if c is not None and config.layout == "cells":
+        return plan_cells(runtime, req, c)
     if c is None or not copy:
         return c
     c.copy_slots = radix_cache.alloc_copy(runtime.tree_cache, c.kept)
@@ -412,6 +439,21 @@ def plan_compression(
     if c is not None:
         c.copy_fallback = True
     return c
+
+
+def plan_cells(runtime: Runtime, req, c: RequestCompression) -> RequestCompression | None:
+    """``c`` stored head-granular (``--kv-layout cells``): its ``m`` cell slots allocated
+    fresh, in either prefix-cache mode (evicting LRU cache if needed). None when even that
+    leaves no room: the request is served uncompressed (counted in ``cell_fallbacks``; the
+    two-launch in-place variant of ``patches/head_granular.md`` 4.7 is not built)."""
+    c.store_in_cells()
+    c.copy_slots = radix_cache.alloc_copy(runtime.tree_cache, c.cell_slots)
+    if c.copy_slots is not None:
+        return c
+    serve_uncompressed(runtime, req)
+    runtime.cell_fallbacks += 1
+    logger.info("bacon-sglang: no room for the cell slots of %s: served uncompressed", req.rid)
+    return None
 
 
 def capped_prefix_match(result: int, req, input_len: int) -> int:
@@ -497,7 +539,9 @@ def apply_plan(runtime: Runtime, batch, entries: list[PlanEntry]) -> None:
         if c is None:
             continue
         req = entry.req
-        if c.copy_slots is not None:
+        if c.cells:
+            tree_tokens = place_cells(runtime, req, c, entry.generated)
+        elif c.copy_slots is not None:
             tree_tokens = radix_cache.publish_prompt(  # the prompt: generated tokens never
                 runtime.tree_cache, req, c.prompt_len - entry.generated, c.prefix_len, c.prompt_len
             )
@@ -519,9 +563,11 @@ def apply_plan(runtime: Runtime, batch, entries: list[PlanEntry]) -> None:
             req.bacon_keep = RetainedKeep(c.prompt_len, c.prefix_len, c.keep)
         # After a retraction the report is the prompt's, as at its first prefill: the
         # tokens generated before it are no prompt, kept whole, never counted as kept.
+        generated_cells = entry.generated * runtime.num_layers * runtime.num_kv_heads
         prompt_only = dataclasses.replace(
-            c, prompt_len=c.prompt_len - entry.generated, kept=c.kept - entry.generated
-        )
+            c, prompt_len=c.prompt_len - entry.generated, kept=c.kept - entry.generated,
+            cells=c.cells - generated_cells if c.cells else 0,
+        )  # fmt: skip
         stats = prompt_only.stats(ps, tree_tokens)
         if req.customized_info is None:
             req.customized_info = {}
@@ -557,6 +603,28 @@ def apply_plan(runtime: Runtime, batch, entries: list[PlanEntry]) -> None:
             batch.orig_seq_lens.device, batch.orig_seq_lens.dtype
         )
     batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
+
+
+def place_cells(runtime: Runtime, req, c: RequestCompression, generated: int) -> int:
+    """After a compaction into cells: the prompt goes to the radix tree (``--kv-prefix-cache
+    full``; not the ``generated`` tokens of a prefill after a retraction) or its private
+    slots ``[S, L)`` back to the allocator (``shared``), then the row's ``[S, S + m)`` points
+    at the cell slots. Returns the prompt tokens the tree holds for the request."""
+    if copies_prompt(runtime, c.config):
+        tree_tokens = radix_cache.publish_prompt(
+            runtime.tree_cache, req, c.prompt_len - generated, c.prefix_len, c.prompt_len
+        )
+        runtime.copies += 1
+    else:
+        runtime.tree_cache.free_kv_row(req.kv, [(c.prefix_len, c.prompt_len)])
+        if c.prefix_len > req.kv.cache_protected_len:  # --kv-text-prefix share
+            runtime.tree_cache.checkpoint(req, up_to=c.prefix_len)
+        tree_tokens = c.prefix_len
+    radix_cache.point_row_at(
+        runtime.req_to_token_pool, req, c.prefix_len, c.copy_slots[: c.cell_slots]
+    )
+    runtime.cell_requests[req] = (c.cells, c.cell_slots)
+    return tree_tokens
 
 
 def around_run_batch(original, scheduler, batch, *args, **kwargs):
@@ -602,6 +670,8 @@ def kv_memory(scheduler) -> dict:
         "copy_fallbacks": runtime.copy_fallbacks if runtime else 0,
         "failures": runtime.failures if runtime else 0,
         "retraction_reuses": runtime.retraction_reuses if runtime else 0,
+        "cell_fallbacks": runtime.cell_fallbacks if runtime else 0,
+        **cells_held(runtime),
         "stashed_requests": stashed_requests(runtime, scheduler),
         **parallel.STATS,
     }
@@ -617,6 +687,18 @@ def stashed_requests(runtime: Runtime | None, scheduler) -> int:
     for req in [r for r in runtime.windows if r is not current]:
         del runtime.windows[req]
     return len(runtime.windows)
+
+
+def cells_held(runtime: Runtime | None) -> dict[str, int]:
+    """``cells_held`` and ``cell_slots_held``: the cells (C) and cell slots (m) of the
+    requests whose rows hold cells now (``--kv-layout cells``); 0 at idle. A request that
+    gave its row back (finished, aborted, retracted) is dropped here."""
+    if runtime is None:
+        return {"cells_held": 0, "cell_slots_held": 0}
+    for req in [r for r in runtime.cell_requests if not r.kv.holds_kv]:
+        del runtime.cell_requests[req]
+    held = list(runtime.cell_requests.values())
+    return {"cells_held": sum(c for c, _ in held), "cell_slots_held": sum(m for _, m in held)}
 
 
 def after_get_internal_state(result, scheduler, *args, **kwargs):

@@ -1,8 +1,9 @@
 """Hooks on ``sglang.srt.server_args``: the ``--kv-*`` flags and how their values travel.
 
-* ``ServerArgs.add_cli_args`` (AFTER): adds ``--kv-policy``, ``--kv-budget``, ``--kv-window``,
-  ``--kv-pool-kernel``, ``--kv-min-prompt`` to SGLang's parser, so they show in
-  ``python -m sglang.launch_server --help`` and work in ``--config`` YAML files.
+* ``ServerArgs.add_cli_args`` (AFTER): adds the ``--kv-*`` flags of
+  :data:`bacon_sglang.config.FLAGS` (``--kv-policy``, ``--kv-budget``, ..., ``--kv-layout``)
+  to SGLang's parser, so they show in ``python -m sglang.launch_server --help`` and work in
+  ``--config`` YAML files.
 * ``ServerArgs.from_cli_args`` (AFTER): validates them into one
   :class:`~bacon_sglang.config.CompressionConfig` and attaches it to the ``ServerArgs``
   record. A bad value, or a parallel setup compression refuses
@@ -24,6 +25,7 @@ import msgspec
 
 from bacon_sglang.config import (
     FLAGS,
+    LAYOUTS,
     POLICY_NAMES,
     PREFIX_CACHE_MODES,
     TEXT_PREFIX_MODES,
@@ -59,6 +61,8 @@ def add_kv_flags(result, parser: argparse.ArgumentParser):
             kwargs["metavar"] = "{" + ",".join(TEXT_PREFIX_MODES) + "}"
         elif field == "prefix_cache":
             kwargs["metavar"] = "{" + ",".join(PREFIX_CACHE_MODES) + "}"
+        elif field == "layout":
+            kwargs["metavar"] = "{" + ",".join(LAYOUTS) + "}"
         elif field == "debug_dir":
             kwargs["metavar"] = "DIR"
         else:
@@ -68,7 +72,7 @@ def add_kv_flags(result, parser: argparse.ArgumentParser):
 
 
 # parsed by the config
-STRING_FIELDS = ("policy", "budget", "text_prefix", "prefix_cache", "debug_dir")
+STRING_FIELDS = ("policy", "budget", "text_prefix", "prefix_cache", "layout", "debug_dir")
 
 
 def config_from_namespace(args: argparse.Namespace) -> CompressionConfig:

@@ -14,6 +14,7 @@ def test_defaults():
     config = CompressionConfig()
     assert (config.policy, config.budget, config.window, config.pool_kernel) == ("none", 64, 32, 5)
     assert config.min_prompt == 96  # budget + window
+    assert config.layout == "slots"
     assert not config.enabled
 
 
@@ -31,6 +32,7 @@ def test_defaults():
         ({"pool_kernel": -1}, "--kv-pool-kernel"),
         ({"min_prompt": 0}, "--kv-min-prompt"),
         ({"prefix_cache": "all"}, "--kv-prefix-cache"),
+        ({"layout": "heads"}, "--kv-layout"),
     ],
 )
 def test_bad_values_name_the_flag(kwargs, flag):
@@ -68,6 +70,8 @@ def test_overrides():
     assert base.with_overrides({"prefix_cache": "shared"}).prefix_cache == "shared"
     with pytest.raises(ConfigError, match="unknown key"):
         base.with_overrides({"kv_bugdet": 1})
+    with pytest.raises(ConfigError, match="unknown key 'layout'"):  # the server's, not a request's
+        base.with_overrides({"layout": "cells"})
     with pytest.raises(ConfigError, match="kv_compression.budget"):
         base.with_overrides({"kv_budget": 0})
     with pytest.raises(ConfigError, match="JSON object"):

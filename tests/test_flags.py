@@ -14,7 +14,7 @@ from bacon_sglang.cpu_shim import cpu_engine_env
 
 FLAGS = (
     "--kv-policy", "--kv-budget", "--kv-window", "--kv-pool-kernel", "--kv-min-prompt",
-    "--kv-text-prefix", "--kv-prefix-cache",
+    "--kv-text-prefix", "--kv-prefix-cache", "--kv-layout",
 )  # fmt: skip
 
 
@@ -35,6 +35,7 @@ def test_help_lists_the_flags(sglang_hooks):
     assert "{none,snapkv,bacon}" in text
     assert "{compress,share}" in text
     assert "{full,shared}" in text
+    assert "{slots,cells}" in text
 
 
 def test_defaults_mean_no_compression(sglang_hooks):
@@ -55,6 +56,7 @@ def test_values_parse_and_survive_pickling(sglang_hooks):
     # Subprocesses receive a pickled copy of ServerArgs (spawn start method).
     assert config_of(pickle.loads(pickle.dumps(args))) == expected
     assert config_of(parse("--kv-policy", "snapkv", "--kv-budget", "0.3")).budget == 0.3
+    assert config_of(parse("--kv-policy", "bacon", "--kv-layout", "cells")).layout == "cells"
 
 
 @pytest.mark.parametrize(
@@ -68,6 +70,7 @@ def test_values_parse_and_survive_pickling(sglang_hooks):
         (("--kv-min-prompt", "x"), "error: --kv-min-prompt: expected an integer"),
         (("--kv-text-prefix", "keep"), "error: --kv-text-prefix: expected one of compress, share"),
         (("--kv-prefix-cache", "all"), "error: --kv-prefix-cache: expected one of full, shared"),
+        (("--kv-layout", "heads"), "error: --kv-layout: expected one of slots, cells"),
     ],
 )
 def test_bad_values_stop_parsing_with_one_line(sglang_hooks, capsys, flags, message):
@@ -81,8 +84,8 @@ def test_bad_values_stop_parsing_with_one_line(sglang_hooks, capsys, flags, mess
 def test_engine_keywords_are_taken_out_and_validated(sglang_hooks):
     from bacon_sglang.patches import entrypoints
 
-    kwargs = {"model_path": "m", "kv_policy": "snapkv", "kv_budget": 96}
-    assert entrypoints.pop_kv_kwargs(kwargs) == CompressionConfig("snapkv", 96)
+    kwargs = {"model_path": "m", "kv_policy": "snapkv", "kv_budget": 96, "kv_layout": "cells"}
+    assert entrypoints.pop_kv_kwargs(kwargs) == CompressionConfig("snapkv", 96, layout="cells")
     assert kwargs == {"model_path": "m"}
     assert entrypoints.pop_kv_kwargs({"model_path": "m"}) is None
     with pytest.raises(ConfigError, match="--kv-policy"):

@@ -66,3 +66,26 @@ def test_the_stash_is_keyed_by_request_object_not_rid(scheduler_patch):
     del reused
     gc.collect()
     assert len(runtime.windows) == 0  # gone with its request
+
+
+def test_cells_held_counts_only_requests_holding_their_row(scheduler_patch, monkeypatch):
+    """``bacon_kv.cells_held`` / ``cell_slots_held`` (``--kv-layout cells``): a request
+    counts while it holds its row; one that gave it back (finished, aborted) is dropped, and
+    a retracted one is dropped at once (it may be prefilled again without cells)."""
+    from bacon_sglang.patches.schedule_batch import after_reset_for_retract
+
+    fields = scheduler_patch.Runtime.__dataclass_fields__
+    runtime = SimpleNamespace(
+        windows=fields["windows"].default_factory(),
+        cell_requests=fields["cell_requests"].default_factory(),
+    )
+    decoding, finished, retracted = Req("a"), Req("b"), Req("c")
+    for req, row in ((decoding, 3), (finished, None), (retracted, 5)):
+        req.kv = SimpleNamespace(req_pool_idx=row, holds_kv=row is not None)
+        runtime.cell_requests[req] = (512, 64)
+    monkeypatch.setattr(scheduler_patch, "RUNTIME", runtime)
+    after_reset_for_retract(None, retracted)
+    assert retracted.bacon_position_offset == 0
+    assert scheduler_patch.cells_held(runtime) == {"cells_held": 512, "cell_slots_held": 64}
+    assert list(runtime.cell_requests) == [decoding]
+    assert scheduler_patch.cells_held(None) == {"cells_held": 0, "cell_slots_held": 0}
