@@ -154,6 +154,43 @@ class CellKeep(NamedTuple):
         return cls(positions, counts, indptr(counts.sum((1, 2))))
 
     @classmethod
+    def from_padded(cls, keep: Tensor, counts: Tensor, cells: Sequence[int]) -> CellKeep:
+        """A served policy's batch of ragged keep-sets in cell order, with nothing read back.
+
+        Args:
+            keep: ``[L, B, Hkv, W]`` each row's sorted positions then ``KEEP_PAD``
+                (``kernels.served.KeepSets.keep``).
+            counts: ``[L, B, Hkv]`` the kept positions of each row (``KeepSets.counts``).
+            cells: ``C_b`` per request, known on the host (:func:`kept_cells`); must equal
+                ``counts[:, b].sum()``, which is not checked (that would read it back).
+
+        Every kept position goes to its place in cell order, ``(b, l, h, j)``: the running
+        count of kept entries before it (a cumsum over the mask); the padding goes to one
+        spare place past the end, then cut off. The output sizes are the host's ``cells``.
+        """
+        rows = keep.permute(1, 0, 2, 3).reshape(-1)
+        kept = rows != KEEP_PAD
+        total = int(sum(cells))
+        place = torch.where(kept, kept.cumsum(0) - 1, total)
+        positions = rows.new_empty(total + 1).scatter_(0, place, rows)[:total]
+        device = keep.device
+        host = torch.tensor(list(cells), dtype=torch.long)
+        counts = counts.permute(1, 0, 2).contiguous()
+        return cls(positions, counts, indptr(host).to(device, non_blocking=True))
+
+    @classmethod
+    def cat(cls, parts: Sequence[CellKeep]) -> CellKeep:
+        """The batches ``parts`` one after the other, as one (their requests in order)."""
+        if len(parts) == 1:
+            return parts[0]
+        sizes = torch.cat([p.indptr.diff() for p in parts])
+        return cls(
+            torch.cat([p.positions for p in parts]),
+            torch.cat([p.counts.to(parts[0].counts.dtype) for p in parts]),
+            indptr(sizes),
+        )
+
+    @classmethod
     def uniform(cls, keeps: Sequence[Tensor]) -> CellKeep:
         """Per-request ``[L, H, n_r]`` keep-sets in which every (layer, head) keeps ``n_r``
         positions (uniform policies: SnapKV, BACON), in cell order. The counts are the

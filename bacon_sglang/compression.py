@@ -179,11 +179,13 @@ class RequestCompression:
     cells: int = 0
     state: RequestState = field(default_factory=RequestState)
 
-    def store_in_cells(self) -> None:
-        """Store the keep-sets head-granular: uniform keep-sets, every (layer, KV head)
-        keeps ``kept`` tokens, so ``C = L * Hkv * kept`` cells in ``m = kept`` cell slots."""
+    def store_in_cells(self, cells: int | None = None) -> None:
+        """Store the keep-sets head-granular, in ``cells`` cells (``C``, from the policy's
+        allocation on the host: :func:`bacon_sglang.cells.kept_cells`); None: uniform
+        keep-sets, every (layer, KV head) keeps ``kept`` tokens, so ``C = L * Hkv * kept``
+        cells in ``m = kept`` cell slots."""
         num_layers, num_kv_heads, _ = self.keep.shape
-        self.cells = num_layers * num_kv_heads * self.kept
+        self.cells = num_layers * num_kv_heads * self.kept if cells is None else cells
 
     @property
     def cell_slots(self) -> int:

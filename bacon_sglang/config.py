@@ -25,7 +25,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-POLICY_NAMES: tuple[str, ...] = ("none", "snapkv", "bacon")
+POLICY_NAMES: tuple[str, ...] = (
+    "none", "snapkv", "bacon", "pyramidkv", "adakv", "sparsemm", "bacon-pyramidkv",
+    "bacon-adakv", "bacon-sparsemm",
+)  # fmt: skip
+# Policies whose (layer, KV head) keep-sets differ in size: served with --kv-layout cells only
+# (with slots every layer and head would hold the largest, the memory this layout saves).
+RAGGED_POLICIES: tuple[str, ...] = tuple(
+    p for p in POLICY_NAMES if p.endswith(("pyramidkv", "adakv", "sparsemm"))
+)
+# Policies that need SparseMM's offline visual-head scores (--kv-head-scores).
+HEAD_SCORE_POLICIES: tuple[str, ...] = ("sparsemm", "bacon-sparsemm")
 TEXT_PREFIX_MODES: tuple[str, ...] = ("compress", "share")
 PREFIX_CACHE_MODES: tuple[str, ...] = ("full", "shared")
 LAYOUTS: tuple[str, ...] = ("slots", "cells")
@@ -36,7 +46,8 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--kv-policy": (
         "policy",
         "KV-cache compression policy applied at the end of prefill: none (default: SGLang as "
-        "without the plugin), snapkv, or bacon.",
+        "without the plugin), snapkv, bacon; with --kv-layout cells also the uneven "
+        "allocations pyramidkv, adakv, sparsemm and bacon-<base> of each.",
     ),
     "--kv-budget": (
         "budget",
@@ -72,6 +83,11 @@ FLAGS: dict[str, tuple[str, str]] = {
         "its own slot, every layer and KV head (a request holds its largest keep-set); "
         "cells: head-granular, each (layer, KV head) keeps its own tokens packed into whole "
         "slots (a request holds the sum of its keep-sets; patches/head_granular.md).",
+    ),
+    "--kv-head-scores": (
+        "head_scores",
+        "SparseMM's visual-head scores of the model, a visual_heads.json ([layers][KV heads], "
+        "as training/visual_heads.py writes it); required by sparsemm and bacon-sparsemm.",
     ),
     "--kv-debug-dir": (
         "debug_dir",
@@ -112,6 +128,7 @@ class CompressionConfig:
     text_prefix: str = "compress"
     prefix_cache: str = "full"
     layout: str = "slots"
+    head_scores: str | None = None
     debug_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -133,6 +150,16 @@ class CompressionConfig:
         if self.layout not in LAYOUTS:
             raise ConfigError(
                 f"--kv-layout: expected one of {', '.join(LAYOUTS)}, got {self.layout!r}"
+            )
+        if self.policy in RAGGED_POLICIES and self.layout != "cells":
+            raise ConfigError(
+                f"--kv-policy: {self.policy} keeps a different number of tokens per (layer, KV "
+                "head); it needs --kv-layout cells"
+            )
+        if self.policy in HEAD_SCORE_POLICIES and not self.head_scores:
+            raise ConfigError(
+                f"--kv-head-scores: policy {self.policy} needs the model's visual-head scores "
+                "(a visual_heads.json)"
             )
         _require_int("--kv-window", self.window, minimum=1)
         _require_int("--kv-pool-kernel", self.pool_kernel, minimum=1)
@@ -274,6 +301,18 @@ def override_ranges(
         ),
         "min_prompt": (lambda v: _is_int(v, 1, top), f"an integer >= 1{upto}"),
     }
+
+
+def policy_problem(policy: str, tp_size: int) -> str | None:
+    """Why ``policy`` cannot be served with ``tp_size`` tensor-parallel ranks, or None.
+    AdaKV splits a layer's budget between all its KV heads by their scores, which one rank
+    does not see (``patches/head_granular.md`` 4.10); the other uneven allocations would need
+    the ranks to agree on the cell slots (the largest rank's), not built yet."""
+    if tp_size <= 1 or policy not in RAGGED_POLICIES:
+        return None
+    if policy.endswith("adakv"):
+        return f"{policy} with --tp-size > 1 (its split between KV heads spans the ranks)"
+    return f"{policy} with --tp-size > 1 (cell slots agreed between ranks: not built yet)"
 
 
 def _shown(value: Any) -> str:

@@ -44,6 +44,7 @@ from torch import Tensor
 from bacon_sglang import kernels
 from bacon_sglang.cells import CellKeep
 from bacon_sglang.compression import ForwardWindows
+from bacon_sglang.config import HEAD_SCORE_POLICIES, RAGGED_POLICIES
 from bacon_sglang.kernels import served
 from bacon_sglang.paged import KVIndex, pack_layers, to_device
 from bacon_sglang.patches import cells
@@ -125,51 +126,69 @@ def replay(runtime, replayed, q: torch.Tensor, layer, out: torch.Tensor) -> torc
 def compress(runtime, windows: ForwardWindows, scale: float) -> None:
     """The pass after the last layer: keep-sets of every finishing request, every layer
     (one served-policy call per policy group; a retracted request's are known already),
-    then one compaction of them all."""
+    then one compaction of them all. Ragged keep-sets (``--kv-layout cells`` only) go to
+    cell order on the device (:meth:`CellKeep.from_padded`), after the uniform ones."""
     groups = windows.finish()
     known = [e.compression for e in runtime.plan if e.window is None and e.compression]
     if not groups and not known:
         return
     pool = runtime.kv_pool
-    keeps, widths, plans = [], [], []
+    keeps, widths, plans, ragged, pieces = [], [], [], [], []
     for compressions, q, window_lens in groups:
         config = compressions[0].config
         batch = served.PrefillBatch(
             q, window_lens, pool.k_buffer, KVIndex.from_rows([c.slots for c in compressions]),
             [c.kept - w for c, w in zip(compressions, window_lens, strict=True)],
             [c.prefix_len for c in compressions], scale, config.pool_kernel,
+            head_scores=runtime.head_scores if config.policy in HEAD_SCORE_POLICIES else (),
         )  # fmt: skip
-        keeps.append(served.keep_sets(config.policy, batch).keep)
+        sets = served.keep_sets(config.policy, batch)
+        if config.policy in RAGGED_POLICIES:
+            for b, c in enumerate(compressions):  # [L, Hkv, W] padded: report, --kv-debug-dir
+                c.keep = sets.keep[:, b]
+            pieces.append(
+                CellKeep.from_padded(sets.keep, sets.counts, [c.cells for c in compressions])
+            )
+            ragged += compressions
+            continue
+        keeps.append(sets.keep)
         widths.append([c.kept for c in compressions])
         plans += compressions
     for c in known:  # prefilled again after a retraction: the keep-set its first prefill chose
         keeps.append(c.keep.unsqueeze(1))
         widths.append([c.kept])
         plans.append(c)
-    keep, keep_indptr = pack_layers(keeps, widths)
-    at = 0
-    for c in plans:  # views, for the report and --kv-debug-dir
-        c.keep, at = keep[..., at : at + c.kept], at + c.kept
-    prefix_lens = to_device([c.prefix_len for c in plans], keep.device)
+    keep = keep_indptr = None
+    if plans:
+        keep, keep_indptr = pack_layers(keeps, widths)
+        at = 0
+        for c in plans:  # views, for the report and --kv-debug-dir
+            c.keep, at = keep[..., at : at + c.kept], at + c.kept
+    if ragged and plans:  # the uniform ones first, as in ``plans``
+        pieces.insert(0, CellKeep.uniform([c.keep for c in plans]))
+    plans += ragged
+    prefix_lens = to_device([c.prefix_len for c in plans], pool.k_buffer[0].device)
     index = KVIndex.from_rows([c.slots for c in plans])
     dst = KVIndex.from_rows([c.destination() for c in plans])
     runtime.compacting = True  # from here on, a failure may leave KV half moved
     if plans[0].cells:  # --kv-layout cells: the server's, so every request's or none
-        compact_into_cells(runtime, plans, index, prefix_lens, dst)
+        cell_keep = CellKeep.cat(pieces) if ragged else CellKeep.uniform([c.keep for c in plans])
+        compact_into_cells(runtime, plans, index, prefix_lens, dst, cell_keep)
     else:
         kernels.compact(pool.k_buffer, pool.v_buffer, index, prefix_lens, keep, keep_indptr, dst)
     runtime.compacting = False
 
 
-def compact_into_cells(runtime, plans: list, index: KVIndex, prefix_lens: Tensor, dst: KVIndex):
-    """``--kv-layout cells``: every planned request's kept K/V (``c.keep`` ``[L, Hkv, kept]``,
-    uniform) gathered into its cell slots (``dst``: the row's ``[0, S)`` then its ``m`` cell
-    slots) and its row of the cell tables written, in one launch
+def compact_into_cells(
+    runtime, plans: list, index: KVIndex, prefix_lens: Tensor, dst: KVIndex, keep: CellKeep
+) -> None:
+    """``--kv-layout cells``: every planned request's kept K/V (``keep``, in cell order, the
+    requests as ``plans``) gathered into its cell slots (``dst``: the row's ``[0, S)`` then its
+    ``m`` cell slots) and its row of the cell tables written, in one launch
     (``bacon_sglang.kernels.compact_cells``); nothing is read back."""
     pool = runtime.kv_pool
     rows = {id(e.compression): e.req.kv.req_pool_idx for e in runtime.plan if e.compression}
     req_pool_indices = to_device([rows[id(c)] for c in plans], prefix_lens.device)
-    keep = CellKeep.uniform([c.keep for c in plans])
     kernels.compact_cells(
         pool.k_buffer, pool.v_buffer, index, prefix_lens, keep, dst, cells.CELLS.tables,
         req_pool_indices,

@@ -31,8 +31,17 @@ from pathlib import Path
 
 import torch
 
+from bacon_sglang.cells import kept_cells
 from bacon_sglang.compression import RequestCompression, WindowQueries, plan_request
-from bacon_sglang.config import CompressionConfig, ConfigError
+from bacon_sglang.config import (
+    HEAD_SCORE_POLICIES,
+    OVERRIDE_KEY,
+    RAGGED_POLICIES,
+    CompressionConfig,
+    ConfigError,
+    policy_problem,
+)
+from bacon_sglang.models import visual_heads
 from bacon_sglang.paged import to_device
 from bacon_sglang.patches import cells, parallel, radix_cache
 from bacon_sglang.patches.metrics import CompressionCounters, make_counters
@@ -97,11 +106,14 @@ class Runtime:
     counters: CompressionCounters | None = None  # Prometheus, with --enable-metrics
     # --kv-layout cells: (C, m) of each request whose row holds cells, until it gives it back
     cell_requests: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+    head_scores: tuple[tuple[float, ...], ...] = ()  # --kv-head-scores (SparseMM), [L][Hkv]
+    tp_size: int = 1
 
     def policy(self, config: CompressionConfig) -> Policy:
         key = (config.policy, config.pool_kernel)
         if key not in self.policies:
-            self.policies[key] = make_policy(config.policy, config.pool_kernel)
+            scores = self.head_scores if config.policy in HEAD_SCORE_POLICIES else ()
+            self.policies[key] = make_policy(config.policy, config.pool_kernel, scores)
         return self.policies[key]
 
 
@@ -117,7 +129,11 @@ def request_config(runtime: Runtime, req) -> CompressionConfig:
     if not override:
         return runtime.config
     try:
-        return runtime.config.with_overrides(override, runtime.context_len)
+        config = runtime.config.with_overrides(override, runtime.context_len)
+        problem = policy_problem(config.policy, runtime.tp_size)
+        if problem:
+            raise ConfigError(f"{OVERRIDE_KEY}.policy: {problem}")
+        return config
     except ConfigError as exc:
         logger.warning("bacon-sglang: %s: invalid override, not compressed: %s", req.rid, exc)
         return dataclasses.replace(runtime.config, policy="none")
@@ -148,8 +164,12 @@ def unsupported(scheduler, kv_pool) -> list[str]:
     if type(kv_pool) is not MHATokenToKVPool:
         problems.append(f"KV pool {type(kv_pool).__name__} (only MHATokenToKVPool)")
     problems += refused_execution_paths(scheduler)  # graphs, attention backend
-    if config_of(server_args).layout == "cells":
+    config = config_of(server_args)
+    if config.layout == "cells":
         problems += cells.problems(scheduler, kv_pool)
+    problem = policy_problem(config.policy, getattr(server_args, "tp_size", 1) or 1)
+    if problem:
+        problems.append(problem)
     return problems
 
 
@@ -185,8 +205,27 @@ def after_scheduler_init(result, scheduler, server_args, *args, **kwargs):
         num_kv_heads=kv_pool.head_num,
         counters=make_counters() if getattr(server_args, "enable_metrics", False) else None,
         context_len=scheduler.model_config.context_len,
+        head_scores=head_scores(config, kv_pool.layer_num),
+        tp_size=getattr(server_args, "tp_size", 1) or 1,
     )
     return result
+
+
+def head_scores(config: CompressionConfig, num_layers: int) -> tuple[tuple[float, ...], ...]:
+    """``--kv-head-scores``: SparseMM's ``[L][Hkv of the model]`` scores, read once (empty
+    without the flag); a file that is missing or does not fit the model stops the launch."""
+    if not config.head_scores:
+        return ()
+    try:
+        scores = visual_heads.read(config.head_scores)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RuntimeError(f"--kv-head-scores {config.head_scores}: unreadable: {exc!r}") from None
+    if len(scores) != num_layers:
+        raise RuntimeError(
+            f"--kv-head-scores {config.head_scores}: {len(scores)} layers of scores for a "
+            f"model of {num_layers}"
+        )
+    return scores
 
 
 def build_plan(runtime: Runtime, batch) -> list[PlanEntry]:
@@ -260,6 +299,9 @@ def replay_entry(
     (served uncompressed, counted as a failure) when its shared prefix changed meanwhile, so
     the old keep-set no longer applies."""
     retained: RetainedKeep = req.bacon_keep
+    if config.policy in RAGGED_POLICIES:  # not built: reapplying padded, ragged keep-sets
+        record_failure(runtime, req, "retraction", f"{config.policy}'s keep-sets not reapplied")
+        return None
     req.skip_radix_cache_insert = True
     prefix_len = kept_whole(runtime, req, config, copy)
     if prefix_len != retained.prefix_len:
@@ -446,7 +488,15 @@ def plan_cells(runtime: Runtime, req, c: RequestCompression) -> RequestCompressi
     fresh, in either prefix-cache mode (evicting LRU cache if needed). None when even that
     leaves no room: the request is served uncompressed (counted in ``cell_fallbacks``; the
     two-launch in-place variant of ``patches/head_granular.md`` 4.7 is not built)."""
-    c.store_in_cells()
+    if c.config.policy in RAGGED_POLICIES:  # C from the allocation, on the host
+        c.store_in_cells(
+            kept_cells(
+                c.policy, c.prompt_len, c.prefix_len, c.kept, c.config.window,
+                runtime.num_layers, runtime.num_kv_heads,
+            )
+        )  # fmt: skip
+    else:
+        c.store_in_cells()
     c.copy_slots = radix_cache.alloc_copy(runtime.tree_cache, c.cell_slots)
     if c.copy_slots is not None:
         return c

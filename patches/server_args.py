@@ -65,6 +65,8 @@ def add_kv_flags(result, parser: argparse.ArgumentParser):
             kwargs["metavar"] = "{" + ",".join(LAYOUTS) + "}"
         elif field == "debug_dir":
             kwargs["metavar"] = "DIR"
+        elif field == "head_scores":
+            kwargs["metavar"] = "PATH"
         else:
             kwargs["metavar"] = "N"
         group.add_argument(flag, type=str, **kwargs)
@@ -72,7 +74,9 @@ def add_kv_flags(result, parser: argparse.ArgumentParser):
 
 
 # parsed by the config
-STRING_FIELDS = ("policy", "budget", "text_prefix", "prefix_cache", "layout", "debug_dir")
+STRING_FIELDS = (
+    "policy", "budget", "text_prefix", "prefix_cache", "layout", "head_scores", "debug_dir"
+)  # fmt: skip
 
 
 def config_from_namespace(args: argparse.Namespace) -> CompressionConfig:

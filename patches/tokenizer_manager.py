@@ -11,15 +11,18 @@
 
 from __future__ import annotations
 
-from bacon_sglang.config import ConfigError
+from bacon_sglang.config import ConfigError, policy_problem
 from bacon_sglang.patches.output_streamer import KEY
 from bacon_sglang.patches.server_args import config_of
 
 
-def validate_override(server_config, sampling_params, context_len: int | None = None) -> None:
+def validate_override(
+    server_config, sampling_params, context_len: int | None = None, tp_size: int = 1
+) -> None:
     """Raise ValueError when ``sampling_params`` carries a bad ``kv_compression`` override
     (a key, a type or a value out of its range for a context of ``context_len`` tokens; see
-    :func:`bacon_sglang.config.override_ranges`)."""
+    :func:`bacon_sglang.config.override_ranges`; a policy the server's layout or its
+    ``tp_size`` ranks cannot serve)."""
     if not isinstance(sampling_params, dict):
         return
     custom = sampling_params.get("custom_params")
@@ -30,6 +33,9 @@ def validate_override(server_config, sampling_params, context_len: int | None = 
         config = server_config.with_overrides(override, context_len)
     except ConfigError as exc:
         raise ValueError(f"invalid custom_params.{exc}") from None
+    problem = policy_problem(config.policy, tp_size)
+    if problem:
+        raise ValueError(f"invalid custom_params.{KEY}.policy: {problem}")
     if config.enabled and not server_config.enabled:
         raise ValueError(
             f"custom_params.{KEY} asks for policy {config.policy!r}, but the server was "
@@ -42,8 +48,9 @@ def before_generate_request(manager, obj, *args, **kwargs):
     params = getattr(obj, "sampling_params", None)
     server_config = config_of(manager.server_args)
     context_len = getattr(manager, "context_len", None)
+    tp_size = getattr(manager.server_args, "tp_size", 1) or 1
     for p in params if isinstance(params, list) else [params]:
-        validate_override(server_config, p, context_len)
+        validate_override(server_config, p, context_len, tp_size)
     return None
 
 

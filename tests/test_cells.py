@@ -7,7 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bacon_sglang.cells import cell_address, cell_decode, cell_offsets, pack_cells, slots_needed
+from bacon_sglang.cells import (
+    CellKeep,
+    cell_address,
+    cell_decode,
+    cell_offsets,
+    pack_cells,
+    slots_needed,
+)
+from bacon_sglang.selection import KEEP_PAD
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -66,3 +74,28 @@ def test_decode_over_cells_equals_dense_attention_over_the_reduced_cache(
     for layer in range(layers):
         got = cell_decode(q[layer], layer, k, v, row, shared, m, off, len(row))
         torch.testing.assert_close(got, want[layer], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_padded_keep_sets_pack_on_the_device_as_the_reference(seed):
+    """``CellKeep.from_padded`` (a served policy's ``[L, B, Hkv, W]`` batch, counts and the
+    host's ``C_b``: nothing read back) equals ``CellKeep.pack`` of the per-request keep-sets,
+    also when a row keeps nothing and a request is uniform."""
+    gen = torch.Generator().manual_seed(seed)
+    layers, batch, heads, width = 3, 3, 2, 7
+    counts = torch.randint(0, width + 1, (layers, batch, heads), generator=gen)
+    counts[:, 2] = width  # one request without padding
+    keep = torch.full((layers, batch, heads, width), KEEP_PAD, dtype=torch.long)
+    for idx in torch.cartesian_prod(*(torch.arange(n) for n in counts.shape)).tolist():
+        n = int(counts[tuple(idx)])
+        keep[tuple(idx)][:n] = torch.randperm(40, generator=gen)[:n].sort().values + 5
+    cells = counts.sum((0, 2)).tolist()
+    got = CellKeep.from_padded(keep, counts, cells)
+    want = CellKeep.pack([keep[:, b] for b in range(batch)])
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    first, rest = (CellKeep.from_padded(keep[:, s], counts[:, s], cells[s])
+                   for s in (slice(0, 1), slice(1, None)))  # fmt: skip
+    halves = CellKeep.cat([first, rest])
+    for g, w in zip(halves, want, strict=True):
+        assert torch.equal(g, w)

@@ -51,5 +51,11 @@ def predicting_positions(
 
 def load(model_dir: Path) -> tuple[tuple[float, ...], ...]:
     """The scores ``model_dir`` ships (``visual_heads.json``), ``[layers][Hkv]``."""
-    data = json.loads((Path(model_dir) / FILENAME).read_text())
+    return read(Path(model_dir) / FILENAME)
+
+
+def read(path: Path | str) -> tuple[tuple[float, ...], ...]:
+    """The scores of one ``visual_heads.json`` (``{"scores": [layers][Hkv]}``), as
+    ``--kv-head-scores PATH`` names it."""
+    data = json.loads(Path(path).read_text())
     return tuple(tuple(float(v) for v in row) for row in data["scores"])
