@@ -245,8 +245,9 @@ class CompressionConfig:
             return dataclasses.replace(self, **changes)
         except ConfigError as exc:  # a combination (budget < window): name the keys
             message = str(exc)
-            for flag, (field, _) in FLAGS.items():
-                message = message.replace(flag, f"{OVERRIDE_KEY}.{field}")
+            for flag, (field, _) in FLAGS.items():  # the server's own flags stay flags
+                if field in OVERRIDABLE:
+                    message = message.replace(flag, f"{OVERRIDE_KEY}.{field}")
             raise ConfigError(message) from None
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ cell held."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -30,11 +31,17 @@ from test_compression_e2e import (
 )
 
 from bacon_sglang.demo import demo_image, kv_memory
+from bacon_sglang.policies import make_policy
+from bacon_sglang.reference import keep_sets_per_layer
+from bacon_sglang.selection import KEEP_PAD
 from bacon_sglang.server import running_server
 
 pytestmark = pytest.mark.engine
 
 LAYERS, KV_HEADS = 4, 2  # the tiny model: a cell slot holds 8 cells
+# SparseMM's head scores for the tiny model ([layers][KV heads], summing to 1): made up,
+# uneven, so that its heads keep different numbers of tokens (the model ships none).
+HEAD_SCORES = [[0.25, 0.05], [0.1, 0.15], [0.05, 0.2], [0.15, 0.05]]
 
 SERVER_CONFIGS = {
     "bacon-page1": ["--kv-policy", "bacon", "--kv-budget", "64"],
@@ -50,9 +57,11 @@ def server(request, tiny_model_path, tmp_path_factory):
     """A cells server with SGLang's forced retraction on (every 3rd decode step while more
     than one request runs), as ``tests/test_compression_e2e.py``'s."""
     debug_dir = tmp_path_factory.mktemp("keep")
+    head_scores = debug_dir / "visual_heads.json"
+    head_scores.write_text(json.dumps({"scores": HEAD_SCORES}))
     args = SERVER_CONFIGS[request.param] + [
         "--kv-layout", "cells", "--dtype", "float32", "--max-total-tokens", "6144",
-        "--kv-debug-dir", str(debug_dir),
+        "--kv-debug-dir", str(debug_dir), "--kv-head-scores", str(head_scores),
     ]  # fmt: skip
     with running_server(tiny_model_path, args, env={**os.environ, **RETRACT_ENV}) as s:
         s.debug_dir = debug_dir
@@ -98,6 +107,48 @@ def test_cells_decode_matches_reference(server, processor, hf_model, hf_eager, q
     report = assert_cells_report(reply, server.budget)
     assert report["kv_source"] == "copy" and report["tree_tokens"] > 0
     assert_like_reference(server, processor, hf_model, hf_eager, text, img, reply, server.policy)
+    assert_idle(server.base_url)
+
+
+@PAGE1_ONLY
+@pytest.mark.parametrize("policy", ["bacon-pyramidkv", "bacon-sparsemm"])
+def test_uneven_policy_per_request_holds_the_sum_of_its_keep_sets(
+    server, processor, hf_model, hf_eager, policy
+):
+    """An uneven allocation by per-request override: its keep-sets, ragged across layers
+    (PyramidKV) or heads (SparseMM, the made-up scores of ``--kv-head-scores``), equal the
+    policy object's on transformers' attention of the whole prompt; greedy tokens and
+    log-probabilities equal a decode from the cache reduced to them; the request holds
+    ``C = sum n[l, h]`` cells in ``ceil(C / (L * Hkv))`` slots, fewer than the widest
+    head's ``L * Hkv * max n`` of the slots layout."""
+    img = demo_image().transpose(Image.TRANSPOSE)
+    text = chat_prompt(processor, "Which shape is yellow?")
+    reply = generate(server.base_url, text, img, override={"policy": policy})
+    record = torch.load(server.debug_dir / f"{reply['meta_info']['id']}.pt")
+    keep, prefix = record["keep"], record["prefix_len"]
+    rank = make_policy(policy, head_scores=HEAD_SCORES if "sparsemm" in policy else ())
+    inputs = processor(text=[text], images=[img], return_tensors="pt")
+    expected = keep_sets_per_layer(hf_eager, inputs, rank, record["kept"], prefix)
+    for layer, want in enumerate(expected):
+        assert torch.equal(keep[layer, :, : want.shape[-1]], want), layer
+        assert bool((keep[layer, :, want.shape[-1] :] == KEEP_PAD).all()), layer
+    counts = (keep != KEEP_PAD).sum(-1)
+    assert len(counts.unique()) > 1  # ragged
+    tokens, logprobs = served_tokens(reply)
+    ref_tokens, ref_logprobs = reference_decode(hf_model, processor, text, img, record, 8)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(
+        torch.tensor(logprobs), torch.tensor(ref_logprobs), atol=2e-3, rtol=0
+    )
+    report = reply["meta_info"]["kv_compression"]
+    cells = int(counts.sum())
+    assert (report["policy"], report["layout"], report["cells"]) == (policy, "cells", cells)
+    assert report["cell_slots"] == -(-cells // (LAYERS * KV_HEADS))
+    assert report["slot_equivalent"] == cells / (LAYERS * KV_HEADS)
+    assert cells < LAYERS * KV_HEADS * int(counts.max())
+    assert report["kept_tokens"] == report["shared_prefix_tokens"] + report["cell_slots"]
+    print(f"{policy}: {cells} cells in {report['cell_slots']} slots; slots layout: "
+          f"{int(counts.max())} slots (widest head)")  # fmt: skip
     assert_idle(server.base_url)
 
 

@@ -450,6 +450,7 @@ def test_text_before_the_first_image_is_shared_or_compressed(
     ("override", "message"),
     [
         ({"policy": "bogus"}, "kv_compression.policy: must be one of none, snapkv, bacon"),
+        ({"policy": "adakv"}, "kv_compression.policy: adakv keeps a different number"),
         ({"budget": 0}, "kv_compression.budget: must be an integer >= 1"),
         ({"kv_bugdet": 64}, "unknown key 'kv_bugdet'"),
         ("bacon", "must be a JSON object"),

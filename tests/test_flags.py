@@ -3,13 +3,14 @@ loads, and carried on ServerArgs to the subprocesses; the same names as Engine k
 
 import argparse
 import pickle
+import re
 import subprocess
 import sys
 import time
 
 import pytest
 
-from bacon_sglang.config import CompressionConfig, ConfigError
+from bacon_sglang.config import POLICY_NAMES, CompressionConfig, ConfigError
 from bacon_sglang.cpu_shim import cpu_engine_env
 
 FLAGS = (
@@ -32,7 +33,7 @@ def test_help_lists_the_flags(sglang_hooks):
     text = parser.format_help()
     for flag in FLAGS:
         assert flag in text
-    assert "{none,snapkv,bacon}" in text
+    assert "{" + ",".join(POLICY_NAMES) + "}" in text
     assert "{compress,share}" in text
     assert "{full,shared}" in text
     assert "{slots,cells}" in text
@@ -71,6 +72,10 @@ def test_values_parse_and_survive_pickling(sglang_hooks):
         (("--kv-text-prefix", "keep"), "error: --kv-text-prefix: expected one of compress, share"),
         (("--kv-prefix-cache", "all"), "error: --kv-prefix-cache: expected one of full, shared"),
         (("--kv-layout", "heads"), "error: --kv-layout: expected one of slots, cells"),
+        (("--kv-policy", "bacon-pyramidkv"), "error: --kv-policy: bacon-pyramidkv keeps a "
+         "different number of tokens per (layer, KV head); it needs --kv-layout cells"),
+        (("--kv-policy", "sparsemm", "--kv-layout", "cells"), "error: --kv-head-scores: "
+         "policy sparsemm needs the model's visual-head scores"),
     ],
 )
 def test_bad_values_stop_parsing_with_one_line(sglang_hooks, capsys, flags, message):
@@ -101,6 +106,33 @@ def test_launch_with_bogus_policy_exits_quickly():
     )  # fmt: skip
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
-    assert last == "error: --kv-policy: unknown policy 'bogus'; choose one of none, snapkv, bacon"
+    assert last.startswith("error: --kv-policy: unknown policy 'bogus'; choose one of none, ")
     assert time.monotonic() - start < 90
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("policy", "tp_size", "message"),
+    [
+        ("adakv", 2, "adakv with --tp-size > 1 (its split between KV heads spans the ranks)"),
+        ("bacon-sparsemm", 2, "bacon-sparsemm with --tp-size > 1"),
+        ("bacon-adakv", 1, None),
+        ("bacon", 2, None),
+    ],
+)
+def test_uneven_policies_per_request_are_refused_where_not_served(policy, tp_size, message):
+    """A per-request override naming an uneven allocation: a 400 on a slots server (the
+    config's refusal) or with tensor parallelism (AdaKV, and the others until the ranks agree
+    on cell slots); accepted on a one-process cells server."""
+    from bacon_sglang.patches.tokenizer_manager import validate_override
+
+    params = {"custom_params": {"kv_compression": {"policy": policy}}}
+    cells = CompressionConfig("bacon", 64, layout="cells", head_scores="heads.json")
+    if message is None:
+        validate_override(cells, params, 4096, tp_size)
+    else:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            validate_override(cells, params, 4096, tp_size)
+    with pytest.raises(ValueError, match="needs --kv-layout cells"):
+        validate_override(CompressionConfig("bacon", 64), {"custom_params": {
+            "kv_compression": {"policy": "pyramidkv"}}}, 4096)  # fmt: skip
