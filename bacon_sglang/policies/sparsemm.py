@@ -16,8 +16,8 @@ from bacon_sglang.policies.snapkv import SnapKV
 class SparseMM(SnapKV):
     """Head ``h`` of layer ``l`` keeps ``round(score_lh * (K - m) * L * Hkv + m)`` candidates
     (:func:`bacon_sglang.allocation.sparsemm_candidates`), ``m = floor(floor * K)``. Keep-sets
-    are ragged across heads and layers. The batched pass serves it (``kernels/served``), SGLang
-    not yet: it needs head-granular KV (``patches/head_granular.md``).
+    are ragged across heads and layers. The batched pass serves it (``kernels/served``), the
+    server with head-granular KV only (``--kv-layout cells``, ``--kv-head-scores``).
 
     Attributes:
         head_scores: ``[L][Hkv]`` visual-head scores summing to 1

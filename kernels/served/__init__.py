@@ -30,8 +30,8 @@ SERVED: dict[str, ServedPolicy] = {
     "bacon-adakv": partial(bacon.keep_sets, allocate=allocation.adakv),
     "bacon-sparsemm": partial(bacon.keep_sets, allocate=allocation.sparsemm),
 }
-"""One entry per ``--kv-policy`` value except ``none`` (``bacon_sglang.config.POLICY_NAMES``,
-which does not list the uneven allocations yet: they wait for ``--kv-layout cells``)."""
+"""One entry per ``--kv-policy`` value except ``none`` (``bacon_sglang.config.POLICY_NAMES``;
+the uneven allocations, ``config.RAGGED_POLICIES``, are served with ``--kv-layout cells``)."""
 
 
 def keep_sets(policy: str, batch: PrefillBatch) -> KeepSets:
