@@ -2,7 +2,8 @@
 
 ``sglang.Engine(model_path=..., kv_policy="bacon", kv_budget=64)`` takes the same names as
 the flags (``kv_policy``, ``kv_budget``, ``kv_window``, ``kv_pool_kernel``,
-``kv_min_prompt``, ``kv_text_prefix``, ``kv_prefix_cache``, ``kv_layout``).
+``kv_min_prompt``, ``kv_text_prefix``, ``kv_prefix_cache``, ``kv_layout``,
+``kv_head_scores``).
 ``Engine.__init__`` builds ``ServerArgs(**kwargs)``, which rejects unknown keywords, so they
 are taken out first:
 

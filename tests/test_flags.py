@@ -72,10 +72,15 @@ def test_values_parse_and_survive_pickling(sglang_hooks):
         (("--kv-text-prefix", "keep"), "error: --kv-text-prefix: expected one of compress, share"),
         (("--kv-prefix-cache", "all"), "error: --kv-prefix-cache: expected one of full, shared"),
         (("--kv-layout", "heads"), "error: --kv-layout: expected one of slots, cells"),
-        (("--kv-policy", "bacon-pyramidkv"), "error: --kv-policy: bacon-pyramidkv keeps a "
-         "different number of tokens per (layer, KV head); it needs --kv-layout cells"),
-        (("--kv-policy", "sparsemm", "--kv-layout", "cells"), "error: --kv-head-scores: "
-         "policy sparsemm needs the model's visual-head scores"),
+        (
+            ("--kv-policy", "bacon-pyramidkv"),
+            "error: --kv-policy: bacon-pyramidkv keeps a "
+            "different number of tokens per (layer, KV head); it needs --kv-layout cells",
+        ),
+        (
+            ("--kv-policy", "sparsemm", "--kv-layout", "cells"),
+            "error: --kv-head-scores: policy sparsemm needs the model's visual-head scores",
+        ),
     ],
 )
 def test_bad_values_stop_parsing_with_one_line(sglang_hooks, capsys, flags, message):
@@ -136,3 +141,20 @@ def test_uneven_policies_per_request_are_refused_where_not_served(policy, tp_siz
     with pytest.raises(ValueError, match="needs --kv-layout cells"):
         validate_override(CompressionConfig("bacon", 64), {"custom_params": {
             "kv_compression": {"policy": "pyramidkv"}}}, 4096)  # fmt: skip
+
+
+def test_head_scores_are_read_once_and_must_fit_the_model(tmp_path):
+    """``--kv-head-scores``: read at scheduler start; a missing file or one of another
+    depth stops the launch with the path in the message."""
+    from bacon_sglang.patches.scheduler import head_scores
+
+    path = tmp_path / "visual_heads.json"
+    path.write_text('{"scores": [[0.5, 0.1], [0.1, 0.3]]}')
+    config = CompressionConfig("bacon-sparsemm", 64, layout="cells", head_scores=str(path))
+    assert head_scores(config, 2) == ((0.5, 0.1), (0.1, 0.3))
+    assert head_scores(CompressionConfig("bacon", 64), 2) == ()
+    with pytest.raises(RuntimeError, match="2 layers of scores for a model of 4"):
+        head_scores(config, 4)
+    missing = CompressionConfig("sparsemm", 64, layout="cells", head_scores=str(tmp_path / "x"))
+    with pytest.raises(RuntimeError, match="unreadable"):
+        head_scores(missing, 2)
