@@ -4,8 +4,9 @@ interpreted): head-granular KV served end to end (``patches/cells.py``, design
 (layer, KV head) keeps ``kept`` tokens, so a request holds ``C = L * Hkv * kept`` cells in
 ``m = kept`` cell slots, the memory of the slots layout, and must answer exactly as it does:
 keep-sets equal to the transformers reference's, greedy tokens and log-probabilities equal
-to a decode from a cache reduced to them. Every test ends idle with the pool whole and no
-cell held."""
+to a decode from a cache reduced to them. The uneven allocations (bacon-pyramidkv,
+bacon-sparsemm, by per-request override) hold the sum of their keep-sets instead. Every test
+ends idle with the pool whole and no cell held."""
 
 from __future__ import annotations
 
