@@ -47,7 +47,7 @@ from common import (
     task_record,
 )
 
-from bacon_sglang.config import POLICY_NAMES
+from bacon_sglang.config import POLICY_NAMES, RAGGED_POLICIES
 from bacon_sglang.demo import image_data_url
 from bacon_sglang.models import batches, vqa
 from bacon_sglang.reference import decode_with_keep_sets, kept_positions
@@ -56,10 +56,10 @@ from bacon_sglang.server import running_server
 logger = logging.getLogger(__name__)
 
 BUDGETS = (256, 128, 64, 32)
-# Every compressing policy the server serves. PyramidKV and AdaKV exist in the scoring core
-# only: a compacted request keeps one number of slots for every layer and KV head, and their
-# budgets differ per layer (PyramidKV) or per head (AdaKV).
-POLICIES = tuple(p for p in POLICY_NAMES if p != "none")
+# Every compressing policy a server with the slots layout serves (this benchmark's server).
+# The uneven ones (PyramidKV, AdaKV, SparseMM, alone or with BACON) need --kv-layout cells:
+# in slots a compacted request keeps one number of slots for every layer and KV head.
+POLICIES = tuple(p for p in POLICY_NAMES if p != "none" and p not in RAGGED_POLICIES)
 MAX_NEW = 16
 
 

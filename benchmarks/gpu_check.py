@@ -50,6 +50,7 @@ KERNEL_TESTS = (
     "tests/test_kernels_keep_sets.py",
     "tests/test_kernels_compaction.py",
     "tests/test_cell_decode.py",
+    "tests/test_kernels_cells.py",
 )
 E2E_TESTS = ("tests/test_backends_e2e.py",)
 # Qwen2-VL-7B-Instruct's language model: 28 query / 4 KV heads of 128, hidden 3584, MLP
