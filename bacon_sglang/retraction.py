@@ -21,13 +21,13 @@ had never been retracted::
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from bacon_sglang.paged import to_device
+from bacon_sglang.scoring import window_attention
 
 
 @dataclass
@@ -36,13 +36,12 @@ class RecomputedRows:
 
     Attributes:
         rows: ``[G]`` rows of the forward's flat query tensor.
-        slots: ``[layers, Hkv, n]`` the KV slots each layer and KV head attends to.
-        mask: ``[G, n]`` True where row ``g`` may attend column ``j``.
+        slots: ``[layers, Hkv, n]`` the KV slots each layer and KV head attends to; their
+            last ``G`` are the rows' own tokens, so the rows are a causal window over them.
     """
 
     rows: Tensor
     slots: Tensor
-    mask: Tensor
 
     def attend(
         self,
@@ -65,18 +64,11 @@ class RecomputedRows:
         """
         slots = self.slots[layer_id]  # [Hkv, n]
         heads = torch.arange(slots.shape[0], device=slots.device).unsqueeze(1)
-        k = k_buffer[slots, heads].float()  # [Hkv, n, d]
-        v = v_buffer[slots, heads].float()
-        rows = q.index_select(0, self.rows).float()  # [G, Hq, d]
-        group = rows.shape[1] // k.shape[0]
-        scale = 1.0 / math.sqrt(rows.shape[-1]) if scale is None else scale
-        k = k.repeat_interleave(group, dim=0)  # [Hq, n, d]
-        v = v.repeat_interleave(group, dim=0)
-        scores = torch.einsum("ghd,hnd->hgn", rows, k) * scale  # [Hq, G, n]
-        if logit_cap > 0:
-            scores = logit_cap * torch.tanh(scores / logit_cap)
-        scores = scores.masked_fill(~self.mask, float("-inf"))
-        return torch.einsum("hgn,hnd->ghd", scores.softmax(dim=-1), v)
+        rows = q.index_select(0, self.rows).transpose(0, 1)  # [Hq, G, d]
+        attn = window_attention(rows, k_buffer[slots, heads], scale, logit_cap)  # [Hq, G, n]
+        v = v_buffer[slots, heads].float()  # [Hkv, n, dv]
+        v = v.repeat_interleave(attn.shape[0] // v.shape[0], dim=0)  # GQA: [Hq, n, dv]
+        return torch.einsum("hgn,hnd->ghd", attn, v)
 
 
 def recomputed_rows(
@@ -101,15 +93,10 @@ def recomputed_rows(
     first = max(start, prompt_len)
     if first >= end:
         return None
-    num_layers, num_kv_heads, kept = keep.shape
+    num_layers, num_kv_heads, _ = keep.shape
     device = keep.device
     whole = torch.arange(prefix_len, device=device).expand(num_layers, num_kv_heads, -1)
     generated = torch.arange(prompt_len, end, device=device).expand(num_layers, num_kv_heads, -1)
     positions = torch.cat([whole, keep, generated], dim=-1)
-    slots = row_slots.to(device)[positions]
-    # column j of the generated part is token prompt_len + j: visible from row t when <= t
-    tokens = torch.arange(first, end).unsqueeze(1)
-    causal = torch.arange(prompt_len, end).unsqueeze(0) <= tokens
-    mask = torch.cat([torch.ones(len(tokens), prefix_len + kept, dtype=torch.bool), causal], 1)
     rows = range(q_start + first - start, q_start + end - start)
-    return RecomputedRows(to_device(list(rows), device), slots, mask.to(device))
+    return RecomputedRows(to_device(list(rows), device), row_slots.to(device)[positions])

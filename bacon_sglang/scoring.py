@@ -44,7 +44,9 @@ ImageGrid = tuple[int, int, int]
 in row-major order."""
 
 
-def window_attention(q_window: Tensor, keys: Tensor, scale: float | None = None) -> Tensor:
+def window_attention(
+    q_window: Tensor, keys: Tensor, scale: float | None = None, logit_cap: float = 0.0
+) -> Tensor:
     """Softmax attention of the last ``w`` prompt queries over all ``n`` prompt keys.
 
     Args:
@@ -52,6 +54,8 @@ def window_attention(q_window: Tensor, keys: Tensor, scale: float | None = None)
         keys: ``[Hkv, n, d]`` keys of the whole prompt (after RoPE); ``Hq % Hkv == 0``.
             Query head ``i`` reads KV head ``i // (Hq // Hkv)`` (GQA by head groups).
         scale: logit scale, ``1 / sqrt(d)`` when ``None``.
+        logit_cap: > 0: logits soft-capped to ``cap * tanh(logit / cap)`` (SGLang's
+            ``RadixAttention.logit_cap``).
 
     Returns:
         ``[Hq, w, n]`` float32 attention. Causal inside the window: query ``i`` sees keys
@@ -66,6 +70,8 @@ def window_attention(q_window: Tensor, keys: Tensor, scale: float | None = None)
     # One batched matmul per KV head: its query group's rows stacked, [Hkv, G * w, d].
     q = q_window.float().reshape(num_kv_heads, num_q_heads // num_kv_heads * w, d)
     logits = torch.bmm(q * scale, keys.float().transpose(1, 2)).reshape(num_q_heads, w, n)
+    if logit_cap > 0:
+        logits = logit_cap * torch.tanh(logits / logit_cap)
     rows = torch.arange(w, device=keys.device).unsqueeze(1)
     cols = torch.arange(n, device=keys.device).unsqueeze(0)
     logits.masked_fill_(cols > rows + (n - w), float("-inf"))

@@ -164,16 +164,15 @@ def compress(runtime, windows: ForwardWindows, scale: float) -> None:
         at = 0
         for c in plans:  # views, for the report and --kv-debug-dir
             c.keep, at = keep[..., at : at + c.kept], at + c.kept
-    if ragged and plans:  # the uniform ones first, as in ``plans``
-        pieces.insert(0, CellKeep.uniform([c.keep for c in plans]))
+        if plans[0].cells:  # the uniform ones first, as in ``plans``
+            pieces.insert(0, CellKeep.uniform([c.keep for c in plans]))
     plans += ragged
     prefix_lens = to_device([c.prefix_len for c in plans], pool.k_buffer[0].device)
     index = KVIndex.from_rows([c.slots for c in plans])
     dst = KVIndex.from_rows([c.destination() for c in plans])
     runtime.compacting = True  # from here on, a failure may leave KV half moved
     if plans[0].cells:  # --kv-layout cells: the server's, so every request's or none
-        cell_keep = CellKeep.cat(pieces) if ragged else CellKeep.uniform([c.keep for c in plans])
-        compact_into_cells(runtime, plans, index, prefix_lens, dst, cell_keep)
+        compact_into_cells(runtime, plans, index, prefix_lens, dst, CellKeep.cat(pieces))
     else:
         kernels.compact(pool.k_buffer, pool.v_buffer, index, prefix_lens, keep, keep_indptr, dst)
     runtime.compacting = False

@@ -15,7 +15,7 @@ With ``--kv-prefix-cache full`` (the default when the radix cache is on), the pl
 allocates each finishing request a compressed copy, and after the forward the request's full
 prompt goes into the radix tree as evictable cache (``patches/radix_cache.py``). With
 ``--kv-layout cells`` it allocates the request's cell slots instead (either prefix-cache
-mode), and after the forward the row points at them (:func:`place_cells`,
+mode), and after the forward the row points at them (:func:`place_copy`,
 ``patches/cells.py``).
 """
 
@@ -589,23 +589,10 @@ def apply_plan(runtime: Runtime, batch, entries: list[PlanEntry]) -> None:
         if c is None:
             continue
         req = entry.req
-        if c.cells:
-            tree_tokens = place_cells(runtime, req, c, entry.generated)
-        elif c.copy_slots is not None:
-            tree_tokens = radix_cache.publish_prompt(  # the prompt: generated tokens never
-                runtime.tree_cache, req, c.prompt_len - entry.generated, c.prefix_len, c.prompt_len
-            )
-            radix_cache.point_row_at(
-                runtime.req_to_token_pool, req, c.prefix_len, c.copy_slots[: c.kept]
-            )
-            runtime.copies += 1
-        else:
-            free_from = -(-c.new_len // ps) * ps
-            if free_from < c.prompt_len:
-                runtime.tree_cache.free_kv_row(req.kv, [(free_from, c.prompt_len)])
-            if c.prefix_len > req.kv.cache_protected_len:  # --kv-text-prefix share
-                runtime.tree_cache.checkpoint(req, up_to=c.prefix_len)
-            tree_tokens = c.prefix_len
+        if c.copy_slots is not None:  # a compressed copy, or cells
+            tree_tokens = place_copy(runtime, req, c, entry.generated)
+        else:  # in place: the evicted tail of the row goes back, whole pages
+            tree_tokens = release_prompt(runtime, req, c, -(-c.new_len // ps) * ps)
         req.kv.kv_allocated_len = c.new_len
         req.kv.kv_committed_len = c.new_len
         req.bacon_position_offset = c.evicted
@@ -655,26 +642,36 @@ def apply_plan(runtime: Runtime, batch, entries: list[PlanEntry]) -> None:
     batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
 
 
-def place_cells(runtime: Runtime, req, c: RequestCompression, generated: int) -> int:
-    """After a compaction into cells: the prompt goes to the radix tree (``--kv-prefix-cache
-    full``; not the ``generated`` tokens of a prefill after a retraction) or its private
-    slots ``[S, L)`` back to the allocator (``shared``), then the row's ``[S, S + m)`` points
-    at the cell slots. Returns the prompt tokens the tree holds for the request."""
+def place_copy(runtime: Runtime, req, c: RequestCompression, generated: int) -> int:
+    """After a compaction into fresh slots (a compressed copy, or cells): the prompt goes to
+    the radix tree (``--kv-prefix-cache full``; not the ``generated`` tokens of a prefill
+    after a retraction) or its private slots ``[S, L)`` back to the allocator (``shared``,
+    cells only), then the row's ``[S, S + kept)`` (cells: ``[S, S + m)``) points at the fresh
+    slots. Returns the prompt tokens the tree holds for the request."""
     if copies_prompt(runtime, c.config):
         tree_tokens = radix_cache.publish_prompt(
             runtime.tree_cache, req, c.prompt_len - generated, c.prefix_len, c.prompt_len
         )
         runtime.copies += 1
     else:
-        runtime.tree_cache.free_kv_row(req.kv, [(c.prefix_len, c.prompt_len)])
-        if c.prefix_len > req.kv.cache_protected_len:  # --kv-text-prefix share
-            runtime.tree_cache.checkpoint(req, up_to=c.prefix_len)
-        tree_tokens = c.prefix_len
+        tree_tokens = release_prompt(runtime, req, c, c.prefix_len)
     radix_cache.point_row_at(
-        runtime.req_to_token_pool, req, c.prefix_len, c.copy_slots[: c.cell_slots]
+        runtime.req_to_token_pool, req, c.prefix_len, c.copy_slots[: c.new_len - c.prefix_len]
     )
-    runtime.cell_requests[req] = (c.cells, c.cell_slots)
+    if c.cells:
+        runtime.cell_requests[req] = (c.cells, c.cell_slots)
     return tree_tokens
+
+
+def release_prompt(runtime: Runtime, req, c: RequestCompression, start: int) -> int:
+    """The row's prompt slots ``[start, L)`` back to the allocator and, with
+    ``--kv-text-prefix share``, the shared text ``[0, S)`` into the radix tree. Returns the
+    prompt tokens the tree holds for the request (``S``)."""
+    if start < c.prompt_len:
+        runtime.tree_cache.free_kv_row(req.kv, [(start, c.prompt_len)])
+    if c.prefix_len > req.kv.cache_protected_len:  # --kv-text-prefix share
+        runtime.tree_cache.checkpoint(req, up_to=c.prefix_len)
+    return c.prefix_len
 
 
 def around_run_batch(original, scheduler, batch, *args, **kwargs):
