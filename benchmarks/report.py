@@ -22,6 +22,7 @@ import accuracy
 import common
 import compression_cost
 import demo_time
+import equal_memory
 import evidence_retention
 import gpu_kit
 import kernel_bench
@@ -304,6 +305,22 @@ def paper_table_section() -> str:
     return "\n\n".join(parts)
 
 
+def equal_memory_section(path: Path) -> str:
+    record = json.loads(path.read_text())
+    return "\n\n".join(
+        [
+            "## Quality at equal memory: head-granular KV (`--kv-layout cells`)",
+            "`python benchmarks/equal_memory.py`: every base method alone and with BACON, "
+            "served by SGLang with each (layer, KV head) holding exactly the tokens it keeps, "
+            "on the document task's held-out pages; memory level `M` = the prompt memory of "
+            "uniform budget `M`, each cell showing the slot equivalent a request actually held. "
+            "Then the capacity of a fixed pool at equal accuracy. "
+            f"{machine_line(record['machine'])}; {record['seconds']['total']} s. " + files(path),
+            equal_memory.render(record),
+        ]
+    )
+
+
 def paper_tables() -> str:
     """benchmarks/README.md's copy of every task's paper table (the newest run of each)."""
     return "\n\n".join(
@@ -386,6 +403,7 @@ def run_tables() -> dict[Path, str]:
         "kernels_cpu.json": kernel_bench.render,
         "kernels_gpu.json": kernel_bench.render,
         "soak.json": soak.render,
+        "equal_memory.json": equal_memory.render,
         "gpu_kit.json": gpu_kit.render,
         "compression_cost_cpu.json": compression_cost.render,
         "compression_cost_gpu.json": compression_cost.render,
@@ -412,6 +430,7 @@ def results_readme() -> str:
         scale_out_section(sorted(RESULTS.glob("*/serving_workers*.json"))),
         premise_section(),
         paper_table_section(),
+        *optional_section(equal_memory_section, "equal_memory.json"),
         evidence_section(common.latest_result("evidence_retention.json")),
         kernels_section(common.latest_results("kernels_cpu.json", "kernels_gpu.json")),
         compression_cost_section(
@@ -430,6 +449,12 @@ def results_readme() -> str:
         )
     )
     return "\n\n".join([head, *sections]) + "\n"
+
+
+def optional_section(section, name: str) -> list[str]:
+    """``[section(newest name)]``, or ``[]`` before the benchmark's first committed run."""
+    found = common.latest_results(name)
+    return [section(found[0])] if found else []
 
 
 def rows_by(rows: list[dict], key: str, value) -> dict[str, dict]:
