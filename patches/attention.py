@@ -49,6 +49,7 @@ from bacon_sglang.kernels import served
 from bacon_sglang.paged import KVIndex, pack_layers, to_device
 from bacon_sglang.patches import cells
 from bacon_sglang.patches import scheduler as scheduler_patch
+from bacon_sglang.selection import KEEP_PAD
 
 _ARG_NAMES = ("q", "k", "v", "layer", "forward_batch")
 
@@ -155,6 +156,11 @@ def compress(runtime, windows: ForwardWindows, scale: float) -> None:
         widths.append([c.kept for c in compressions])
         plans += compressions
     for c in known:  # prefilled again after a retraction: the keep-set its first prefill chose
+        if c.config.policy in RAGGED_POLICIES:
+            keep = c.keep.unsqueeze(1)  # [L, 1, Hkv, W]
+            pieces.append(CellKeep.from_padded(keep, (keep != KEEP_PAD).sum(-1), [c.cells]))
+            ragged.append(c)
+            continue
         keeps.append(c.keep.unsqueeze(1))
         widths.append([c.kept])
         plans.append(c)

@@ -74,6 +74,8 @@ class RetainedKeep:
     prompt_len: int  # the prompt, generated tokens excluded
     prefix_len: int
     keep: torch.Tensor  # [num_layers, Hkv, kept] positions in [prefix_len, prompt_len)
+    # (ragged keep-sets: KEEP_PAD past a head's own count)
+    cells: int = 0  # C of the prompt with --kv-layout cells (host-known), else 0
 
 
 @dataclass
@@ -299,9 +301,6 @@ def replay_entry(
     (served uncompressed, counted as a failure) when its shared prefix changed meanwhile, so
     the old keep-set no longer applies."""
     retained: RetainedKeep = req.bacon_keep
-    if config.policy in RAGGED_POLICIES:  # not built: reapplying padded, ragged keep-sets
-        record_failure(runtime, req, "retraction", f"{config.policy}'s keep-sets not reapplied")
-        return None
     req.skip_radix_cache_insert = True
     prefix_len = kept_whole(runtime, req, config, copy)
     if prefix_len != retained.prefix_len:
@@ -330,7 +329,9 @@ def reuse_compression(
     runtime: Runtime, req, config: CompressionConfig, full_len: int, copy: bool
 ) -> RequestCompression | None:
     """The compression of a retracted request's last forward: the prompt keeps what its
-    first prefill chose (``req.bacon_keep``), the generated tokens are kept whole."""
+    first prefill chose (``req.bacon_keep``), the generated tokens are kept whole (with
+    cells: ``G`` more cells in every (layer, head), after its prompt's; a ragged keep-set's
+    padding stays where it was, ``CellKeep.from_padded`` skips it)."""
     retained: RetainedKeep = req.bacon_keep
     prefix_len = retained.prefix_len
     slots = runtime.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :full_len].clone()
@@ -344,7 +345,9 @@ def reuse_compression(
         cached_len=req.kv.cache_protected_len,
     )  # fmt: skip
     if config.layout == "cells":  # the generated tokens become cells of every (layer, head)
-        c.store_in_cells()
+        c.store_in_cells(
+            retained.cells + num_layers * num_kv_heads * (full_len - retained.prompt_len)
+        )
     if copy or c.cells:
         c.copy_slots = radix_cache.alloc_copy(runtime.tree_cache, c.new_len - prefix_len)
         if c.copy_slots is None:
@@ -597,7 +600,7 @@ def apply_plan(runtime: Runtime, batch, entries: list[PlanEntry]) -> None:
         req.kv.kv_committed_len = c.new_len
         req.bacon_position_offset = c.evicted
         if entry.generated == 0:  # a retracted request is compacted to the same tokens
-            req.bacon_keep = RetainedKeep(c.prompt_len, c.prefix_len, c.keep)
+            req.bacon_keep = RetainedKeep(c.prompt_len, c.prefix_len, c.keep, c.cells)
         # After a retraction the report is the prompt's, as at its first prefill: the
         # tokens generated before it are no prompt, kept whole, never counted as kept.
         generated_cells = entry.generated * runtime.num_layers * runtime.num_kv_heads
