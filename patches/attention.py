@@ -142,6 +142,7 @@ def compress(runtime, windows: ForwardWindows, scale: float) -> None:
             [c.kept - w for c, w in zip(compressions, window_lens, strict=True)],
             [c.prefix_len for c in compressions], scale, config.pool_kernel,
             head_scores=runtime.head_scores if config.policy in HEAD_SCORE_POLICIES else (),
+            kv_heads=runtime.kv_heads,
         )  # fmt: skip
         sets = served.keep_sets(config.policy, batch)
         if config.policy in RAGGED_POLICIES:
