@@ -4,7 +4,7 @@ loaded cores; with --kv-layout cells 28 minutes for 1,000 on cores loaded by oth
 
     python benchmarks/soak.py                       # 1,000 requests, then 300 on TP=2
     python benchmarks/soak.py --requests 100 --tp 1 # a short one
-    python benchmarks/soak.py --kv-layout cells     # 1,000 requests with cells (TP=1)
+    python benchmarks/soak.py --kv-layout cells     # the same with cells: soak_cells.json
     python benchmarks/soak.py --report-only         # rewrite soak.md from the JSON
 
 A CPU server with the shipped shapes model, ``--kv-policy bacon --kv-budget 64 --page-size 16
@@ -15,8 +15,9 @@ overrides, fuzzed bad overrides and malformed images (each must be a 4xx), paral
 (``n`` > 1), streamed requests, aborts at a random moment (waiting, mid chunked prefill, mid
 decode), and greedy control requests whose answers are compared with the same request served
 alone before the soak. Bounded in count (``--requests``) and time (``--minutes`` per server).
-The control requests (80 to 85 tokens) are under the default ``--kv-min-prompt`` (96): they
-are served uncompressed, next to compressed requests.
+Half the control requests (80 to 85 tokens, under the default ``--kv-min-prompt``, 96) are
+served uncompressed next to compressed requests; the others (about 170 tokens, two prefill
+chunks) are compressed: by the server's BACON and by SnapKV.
 
 It reports and checks: no 5xx, the server alive, the control answers equal to their solo
 answers, retracted or not (it also reports how many were retracted), the pool whole at
@@ -24,16 +25,13 @@ idle (``available + evictable == total``, nothing protected), no request holding
 state, no compression failure, and the resident memory of the server's processes after the
 first and the last hundred requests.
 
-``--kv-layout cells`` (``soak_cells.json``; TP=1 only, cells on TP=2 are not built yet):
-the server also gets ``--kv-layout cells`` and ``--kv-head-scores`` (made-up, uneven SparseMM
-scores, :data:`HEAD_SCORES`, in a temporary file: the model ships none); the overrides also
-draw the uneven policies (``config.RAGGED_POLICIES``, alone and with other keys), and the
-controls gain compressed ones: BACON, SnapKV and one per uneven policy. It also checks that
-no cell is held at idle (``cells_held``, ``cell_slots_held``) and reports ``cell_fallbacks``
-and the compressed requests by policy. An uneven keep-set is not reapplied after a
-retraction yet: such a request is served uncompressed from there (one of the server's
-``failures``, the only ones allowed) and may answer as the full cache does, so a retracted
-uneven control is counted apart, its answer reported, not checked.
+``--kv-layout cells`` (``soak_cells.json``): the server also gets ``--kv-layout cells`` and
+``--kv-head-scores`` (made-up, uneven SparseMM scores, :data:`HEAD_SCORES`, in a temporary
+file: the model ships none); the overrides also draw the uneven policies
+(``config.RAGGED_POLICIES``, alone and with other keys; on TP=2 those a tensor-parallel
+server serves: not AdaKV), and the controls gain one compressed control per uneven policy.
+It also checks that no cell is held at idle (``cells_held``, ``cell_slots_held``) and
+reports ``cell_fallbacks`` and the compressed requests by policy.
 """
 
 from __future__ import annotations
@@ -55,7 +53,7 @@ from common import machine, markdown_table, results_dir
 from serving import Target, wait_idle
 from serving_client import grid_image
 
-from bacon_sglang.config import RAGGED_POLICIES
+from bacon_sglang.config import RAGGED_POLICIES, policy_problem
 from bacon_sglang.demo import image_data_url
 from bacon_sglang.server import running_server
 
@@ -125,22 +123,38 @@ def generate_body(text: str, image: str | None, max_new: int, override=None, **e
 WORDS = "one two three four five six seven eight nine ten "
 # 80 to 85 tokens, under the default --kv-min-prompt (96): served uncompressed.
 CONTROLS = [generate_body(prompt(q), image_url(100 + i), 12) for i, q in enumerate(QUESTIONS)]
-# With cells, controls that are compressed (80 words before the image: about 170 tokens, two
-# prefill chunks): the server's policy (BACON), SnapKV and each uneven policy.
+# Compressed controls (80 words before the image: about 170 tokens, two prefill chunks): the
+# server's policy (BACON), SnapKV and, with cells, each uneven policy.
 COMPRESSED_CONTROLS = [
     generate_body(prompt(QUESTIONS[i % len(QUESTIONS)], WORDS * 8), image_url(110 + i), 12, o)
     for i, o in enumerate([None, {"policy": "snapkv"}, *({"policy": p} for p in RAGGED_POLICIES)])
 ]
 
 
-def controls(layout: str) -> list[dict]:
-    """The greedy control requests of a server with ``--kv-layout layout``."""
-    return CONTROLS + (COMPRESSED_CONTROLS if layout == "cells" else [])
+def served(overrides, layout: str, tp: int) -> list:
+    """``overrides`` without the uneven ones where the server does not serve them (slots;
+    AdaKV on TP > 1)."""
+
+    def policy(o) -> str | None:
+        return o.get("policy") if isinstance(o, dict) else None
+
+    if layout != "cells":
+        return [o for o in overrides if policy(o) not in RAGGED_POLICIES]
+    return [o for o in overrides if policy(o) is None or not policy_problem(policy(o), tp)]
 
 
-def good_overrides(layout: str) -> tuple:
+def controls(layout: str, tp: int = 1) -> list[dict]:
+    """The greedy control requests of a server with ``--kv-layout layout``, ``tp`` ranks."""
+    compressed = [b["sampling_params"].get("custom_params", {}).get("kv_compression")
+                  for b in COMPRESSED_CONTROLS]  # fmt: skip
+    kept = served(compressed, layout, tp)
+    return CONTROLS + [b for b, o in zip(COMPRESSED_CONTROLS, compressed, strict=True)
+                       if any(o is k for k in kept)]  # fmt: skip
+
+
+def good_overrides(layout: str, tp: int = 1) -> tuple:
     """The per-request overrides drawn for a server with ``--kv-layout layout``."""
-    return GOOD_OVERRIDES + (UNEVEN_OVERRIDES if layout == "cells" else ())
+    return tuple(served(GOOD_OVERRIDES + UNEVEN_OVERRIDES, layout, tp))
 
 
 def uneven(body: dict) -> bool:
@@ -150,7 +164,7 @@ def uneven(body: dict) -> bool:
 
 
 def draw(
-    kind: str, rng: random.Random, i: int, layout: str = "slots"
+    kind: str, rng: random.Random, i: int, layout: str = "slots", tp: int = 1
 ) -> tuple[dict, float | None, bool]:
     """(body, abort after this many seconds or None, whether a 4xx is expected)."""
     image = image_url(rng.randrange(6))
@@ -173,7 +187,8 @@ def draw(
     elif kind == "bad_image":
         body = generate_body(text, rng.choice(BAD_IMAGES), max_new)
     else:
-        override = {"override": good_overrides(layout), "bad_override": BAD_OVERRIDES}.get(kind)
+        overrides = {"override": good_overrides(layout, tp), "bad_override": BAD_OVERRIDES}
+        override = overrides.get(kind)
         extra = {"stream": True} if kind == "stream" else {}
         body = generate_body(text, image, max_new, override and rng.choice(override), **extra)
     return body, None, kind in ("bad_override", "bad_image")
@@ -209,10 +224,11 @@ def server_rss_mb(pid: int) -> float:
 
 
 def soak(
-    base_url: str, pid: int, requests_total: int, seconds: float, seed: int, layout: str = "slots"
-) -> dict:
+    base_url: str, pid: int, requests_total: int, seconds: float, seed: int,
+    layout: str = "slots", tp: int = 1,
+) -> dict:  # fmt: skip
     """Run the mix against a running server; the record of one server configuration."""
-    control_bodies = controls(layout)
+    control_bodies = controls(layout, tp)
     solo = [send(base_url, body)[1]["output_ids"] for body in control_bodies]
     rng = random.Random(seed)
     kinds = list(MIX)
@@ -234,7 +250,8 @@ def soak(
                 "kind": kind, "status": status, "control_equal": equal, "retracted": retracted,
                 "uneven": uneven(control_bodies[c]), **compressions(status, reply),
             }  # fmt: skip
-        body, abort_after, expect_4xx = draw(kind, random.Random(seed * 100_003 + i), i, layout)
+        rng = random.Random(seed * 100_003 + i)
+        body, abort_after, expect_4xx = draw(kind, rng, i, layout, tp)
         if abort_after is not None:
             timer = threading.Timer(
                 abort_after,
@@ -303,7 +320,6 @@ def soak(
         "pool": {k: mem[k] for k in ("total", "available", "evictable", "protected")},
         "stashed_requests": mem.get("stashed_requests"),
         "failures": mem.get("failures"),
-        "uneven_retracted": sum(o.get("uneven_retracted", 0) for o in outcomes),
         "compressed_requests": mem.get("compressed_requests"),
         "retraction_reuses": mem.get("retraction_reuses"),
         "rss_mb": rss,
@@ -311,54 +327,34 @@ def soak(
 
 
 def control_summary(outcomes: list[dict], layout: str) -> dict:
-    """The control requests' counts. An uneven keep-set is not reapplied after a retraction
-    yet (``patches/head_granular.md``, step 9): such a request is served uncompressed from
-    its prefill after the retraction on (one of the server's ``failures``) and may answer as
-    the full cache does, not as it does alone. Those controls are counted apart
-    (``controls_changed_uncompressed``); every other one must equal its solo answer
-    (``controls_changed``, a problem)."""
+    """The control requests' counts: every one must equal its solo answer, retracted or
+    not (``controls_changed``, a problem); how many were compressed, retracted, and (cells)
+    sent with an uneven policy."""
     controls_run = [o for o in outcomes if o["kind"] == "control"]
-
-    def fell_back(o: dict) -> bool:
-        return bool(o.get("uneven") and o.get("retracted"))
-
     summary = {
         "controls": len(controls_run),
         "controls_equal": sum(o["control_equal"] for o in controls_run),
         "controls_retracted": sum(o.get("retracted", False) for o in controls_run),
-        "controls_changed": sum(
-            1 for o in controls_run if not o["control_equal"] and not fell_back(o)
+        "controls_changed": sum(1 for o in controls_run if not o["control_equal"]),
+        "controls_compressed": sum(bool(o.get("policies")) for o in controls_run),
+        "controls_compressed_retracted": sum(
+            bool(o.get("policies")) and o.get("retracted", False) for o in controls_run
         ),
     }
-    if layout != "cells":
-        return summary
-    uncompressed = [o for o in controls_run if fell_back(o)]
-    return {
-        **summary,
-        "controls_compressed": sum(bool(o.get("policies")) for o in controls_run),
-        "controls_uneven": sum(o.get("uneven", False) for o in controls_run),
-        "controls_uncompressed_after_retraction": len(uncompressed),
-        "controls_changed_uncompressed": sum(1 for o in uncompressed if not o["control_equal"]),
-    }
+    if layout == "cells":
+        summary["controls_uneven"] = sum(o.get("uneven", False) for o in controls_run)
+    return summary
 
 
 def compressions(status: int, reply) -> dict:
     """What the replies of one request (``n`` of them with parallel sampling) report:
-    ``policies``, the policy of each compressed one, and ``uneven_retracted``, how many of
-    those had an uneven policy and were retracted (each served uncompressed after its
-    retraction, one of the server's ``failures``)."""
+    ``policies``, the policy of each compressed one."""
     replies = reply if isinstance(reply, list) else [reply]
     metas = [r["meta_info"] for r in replies if isinstance(r, dict) and "meta_info" in r]
     if status != 200 or not metas:
         return {}
-    reports = [(m["kv_compression"], m) for m in metas if m.get("kv_compression")]
-    return {
-        "policies": [r.get("policy") for r, _ in reports],
-        "uneven_retracted": sum(
-            1 for r, m in reports
-            if r.get("policy") in RAGGED_POLICIES and m.get("num_retractions", 0) > 0
-        ),
-    }  # fmt: skip
+    return {"policies": [m["kv_compression"].get("policy") for m in metas
+                         if m.get("kv_compression")]}  # fmt: skip
 
 
 def problems(record: dict) -> list[str]:
@@ -379,12 +375,8 @@ def problems(record: dict) -> list[str]:
         out.append(f"pool not whole at idle: {pool}")
     if record["stashed_requests"]:
         out.append(f"{record['stashed_requests']} requests still stashed")
-    unexplained = (record.get("failures") or 0) - record.get("uneven_retracted", 0)
-    if unexplained:
-        out.append(
-            f"{record['failures']} compression failures, {record.get('uneven_retracted', 0)} "
-            "expected (retracted requests with an uneven policy)"
-        )
+    if record.get("failures"):
+        out.append(f"{record['failures']} compression failures (served uncompressed)")
     if record.get("cells_held") or record.get("cell_slots_held"):
         out.append(
             f"cells held at idle: {record['cells_held']} cells in "
@@ -410,8 +402,9 @@ def run(
             server_flags = [*flags[:-1], str(scores)]
         with running_server(model_path, server_flags, env={**os.environ, **RETRACT_ENV}) as server:
             record = soak(
-                server.base_url, server.process.pid, requests_total, minutes * 60, seed, layout
-            )
+                server.base_url, server.process.pid, requests_total, minutes * 60, seed, layout,
+                tp,
+            )  # fmt: skip
             record["server_exit_code"] = server.process.poll()
     extra = {"layout": layout, "head_scores": HEAD_SCORES} if layout == "cells" else {}
     return {"tp": tp, "flags": flags, **extra, **record, "problems": problems(record)}
@@ -422,14 +415,11 @@ def render(result: dict) -> str:
     cells = any(r.get("layout") == "cells" for r in result["runs"])
     header = (
         "server", "requests", "seconds", "5xx / dropped", "bad inputs refused",
-        "controls equal to solo (retracted)", "pool whole at idle", "stashed at idle",
-        "RSS MiB (first 100 -> last)",
+        "controls equal to solo (retracted)", "compressed controls (retracted)",
+        "pool whole at idle", "stashed at idle", "RSS MiB (first 100 -> last)",
     )  # fmt: skip
     if cells:
-        header += (
-            "controls compressed", "uneven controls retracted, then uncompressed (changed)",
-            "cells held at idle", "cell fallbacks",
-        )  # fmt: skip
+        header += ("cells held at idle", "cell fallbacks")
     rows = []
     for r in result["runs"]:
         bad = r["by_kind"].get("bad_override", 0) + r["by_kind"].get("bad_image", 0)
@@ -442,18 +432,13 @@ def render(result: dict) -> str:
             r["server_errors"],
             f"{bad - r['bad_accepted']} of {bad}",
             f"{r['controls_equal']} of {r['controls']} ({r['controls_retracted']})",
+            f"{r.get('controls_compressed', '-')} ({r.get('controls_compressed_retracted', '-')})",
             "yes" if whole else "no",
             r["stashed_requests"],
             f"{r['rss_mb'].get('first_100')} -> {r['rss_mb'].get('last')}",
         )  # fmt: skip
         if cells:
-            row += (
-                r["controls_compressed"],
-                f"{r['controls_uncompressed_after_retraction']} of {r['controls_uneven']} "
-                f"({r['controls_changed_uncompressed']})",
-                f"{r['cells_held']} cells, {r['cell_slots_held']} slots",
-                r["cell_fallbacks"],
-            )  # fmt: skip
+            row += (f"{r['cells_held']} cells, {r['cell_slots_held']} slots", r["cell_fallbacks"])
         rows.append(row)
     lines = [markdown_table(header, rows)]
     for r in result["runs"]:
@@ -461,19 +446,10 @@ def render(result: dict) -> str:
         lines.append(f"\n{server_name(r)}: {verdict}. Requests by kind: {r['by_kind']}.")
         if r.get("layout") == "cells":
             lines.append(
-                f"Controls: the {len(CONTROLS)} of the slots soak (80 to 85 tokens, under "
-                f"--kv-min-prompt: uncompressed) and {len(COMPRESSED_CONTROLS)} compressed "
-                f"ones (BACON, SnapKV, {', '.join(RAGGED_POLICIES)}), {r['controls_uneven']} "
-                f"of the {r['controls']} sent with an uneven policy. An uneven keep-set is not "
-                "reapplied after a retraction yet: such a request is served uncompressed from "
-                "its prefill after the retraction (a counted failure) and may answer as the "
-                f"full cache does; {r['controls_uncompressed_after_retraction']} uneven "
-                f"controls were retracted, {r['controls_changed_uncompressed']} of them "
-                "answered otherwise than alone (not counted as changed; every other control "
-                f"must equal its solo answer). Compression failures counted by the server: "
-                f"{r['failures']}; retracted requests with an uneven policy (any kind): "
-                f"{r['uneven_retracted']}. Compressed requests by policy (from their "
-                f"reports): {r['compressed_by_policy']}."
+                f"{r['controls_uneven']} of the {r['controls']} controls were sent with an "
+                f"uneven policy. Compressed requests by policy (from their reports): "
+                f"{r['compressed_by_policy']}; prefills after a retraction that reused a "
+                f"keep-set: {r['retraction_reuses']}."
             )
     return "\n".join(lines)
 
@@ -491,9 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000, help="per TP=1 server")
     parser.add_argument("--tp-requests", type=int, default=300, help="per TP=2 server")
-    parser.add_argument(
-        "--tp", type=int, nargs="+", help="default: 1 2 with slots, 1 with cells (TP=1 only)"
-    )
+    parser.add_argument("--tp", type=int, nargs="+", help="default: 1 2")
     parser.add_argument(
         "--kv-layout", choices=("slots", "cells"), default="slots",
         help="cells: --kv-layout cells, uneven policies drawn too; writes soak_cells.json",
@@ -510,10 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads((out / name).read_text())
         (out / name).with_suffix(".md").write_text(render(result) + "\n")
         return 0
-    tps = args.tp or ([1, 2] if args.kv_layout == "slots" else [1])
-    if args.kv_layout == "cells" and any(tp > 1 for tp in tps):
-        print("note: --kv-layout cells is soaked on TP=1 only (TP > 1 with cells not built yet)")
-        tps = [tp for tp in tps if tp == 1]
+    tps = args.tp or [1, 2]
     from bacon_sglang.models.tiny import ensure_tiny_model
 
     model = str(ensure_tiny_model())
