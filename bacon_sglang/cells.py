@@ -84,6 +84,16 @@ def kept_cells(
     return sum(per_layer) + num_layers * len(heads) * window
 
 
+def rank_heads(rank: int, tp_size: int, num_kv_heads: int) -> range:
+    """The model's KV heads tensor-parallel rank ``rank`` of ``tp_size`` holds, as SGLang's
+    ``QKVParallelLinear`` splits them: ``Hkv / tp`` consecutive heads each, or with more
+    ranks than heads one head per rank, shared by ``tp / Hkv`` consecutive ranks."""
+    replicas = max(1, tp_size // num_kv_heads)
+    per_rank = max(1, num_kv_heads // tp_size)
+    first = rank // replicas * per_rank
+    return range(first, first + per_rank)
+
+
 def cell_address(
     cells: Tensor, num_layers: int, num_kv_heads: int
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -163,7 +163,9 @@ class RequestCompression:
         copy_fallback: a copy was asked for but the pool had no room for it.
         cells: ``C``, kept tokens of all (layer, KV head) pairs together when they are stored
             head-granular (``--kv-layout cells``, :mod:`bacon_sglang.cells`); 0: one slot per
-            kept token and every layer and head.
+            kept token and every layer and head. With tensor parallelism, this rank's heads'.
+        rank_cells: with tensor parallelism, ``C_r`` of every rank in rank order (``cells``
+            among them); every rank allocates the largest rank's slots. Empty: one process.
     """
 
     config: CompressionConfig
@@ -177,21 +179,31 @@ class RequestCompression:
     copy_slots: Tensor | None = None
     copy_fallback: bool = False
     cells: int = 0
+    rank_cells: tuple[int, ...] = ()
     state: RequestState = field(default_factory=RequestState)
 
-    def store_in_cells(self, cells: int | None = None) -> None:
+    def store_in_cells(self, cells: int | None = None, rank_cells: Sequence[int] = ()) -> None:
         """Store the keep-sets head-granular, in ``cells`` cells (``C``, from the policy's
         allocation on the host: :func:`bacon_sglang.cells.kept_cells`); None: uniform
         keep-sets, every (layer, KV head) keeps ``kept`` tokens, so ``C = L * Hkv * kept``
-        cells in ``m = kept`` cell slots."""
+        cells in ``m = kept`` cell slots. ``rank_cells``: every tensor-parallel rank's ``C``."""
         num_layers, num_kv_heads, _ = self.keep.shape
         self.cells = num_layers * num_kv_heads * self.kept if cells is None else cells
+        self.rank_cells = tuple(rank_cells)
 
     @property
     def cell_slots(self) -> int:
-        """``m``: the slots the cells take (``ceil(C / (L * Hkv))``), 0 without cells."""
+        """``m``: the slots the cells take (``ceil(C / (L * Hkv))``), 0 without cells; with
+        tensor parallelism the largest rank's (every rank's ``Hkv`` the same), so that the
+        allocator, which every rank runs alike, gives every rank the same slots."""
         num_layers, num_kv_heads, _ = self.keep.shape
-        return slots_needed(self.cells, num_layers, num_kv_heads)
+        cells = (self.cells, *self.rank_cells)
+        return max(slots_needed(c, num_layers, num_kv_heads) for c in cells)
+
+    @property
+    def all_cells(self) -> int:
+        """``C`` of every tensor-parallel rank together (``cells`` with one process)."""
+        return sum(self.rank_cells) if self.rank_cells else self.cells
 
     @property
     def new_len(self) -> int:
@@ -256,7 +268,9 @@ class RequestCompression:
         with a copy, left in the radix tree as evictable cache); ``tree_tokens``: prompt
         tokens the radix tree holds for it afterwards (default: its shared prefix). With
         cells, also ``layout`` ("cells"), ``cells`` (C), ``cell_slots`` (m) and
-        ``slot_equivalent`` (C / (L * Hkv))."""
+        ``slot_equivalent`` (C / (L * Hkv)); with tensor parallelism ``cells`` counts every
+        rank's (the model's, as one process would), ``cell_slots`` is what each rank holds,
+        ``slot_equivalent`` the ranks' mean, and ``rank_cells`` lists each rank's ``C_r``."""
         freed_from = -(-self.new_len // page_size) * page_size
         report = {
             "policy": self.config.policy,
@@ -273,10 +287,13 @@ class RequestCompression:
         }
         if self.cells:  # --kv-layout cells
             num_layers, num_kv_heads, _ = self.keep.shape
+            ranks = len(self.rank_cells) or 1
             report["layout"] = "cells"
-            report["cells"] = self.cells
+            report["cells"] = self.all_cells
             report["cell_slots"] = self.cell_slots
-            report["slot_equivalent"] = self.cells / (num_layers * num_kv_heads)
+            report["slot_equivalent"] = self.all_cells / (num_layers * num_kv_heads * ranks)
+            if self.rank_cells:
+                report["rank_cells"] = list(self.rank_cells)
         return report
 
 

@@ -307,13 +307,11 @@ def override_ranges(
 def policy_problem(policy: str, tp_size: int) -> str | None:
     """Why ``policy`` cannot be served with ``tp_size`` tensor-parallel ranks, or None.
     AdaKV splits a layer's budget between all its KV heads by their scores, which one rank
-    does not see (``patches/head_granular.md`` 4.10); the other uneven allocations would need
-    the ranks to agree on the cell slots (the largest rank's), not built yet."""
-    if tp_size <= 1 or policy not in RAGGED_POLICIES:
-        return None
-    if policy.endswith("adakv"):
+    does not see (``patches/head_granular.md`` 4.10); PyramidKV's and SparseMM's budgets are
+    known per head on the host, so the ranks agree on the cell slots without talking."""
+    if tp_size > 1 and policy.endswith("adakv"):
         return f"{policy} with --tp-size > 1 (its split between KV heads spans the ranks)"
-    return f"{policy} with --tp-size > 1 (cell slots agreed between ranks: not built yet)"
+    return None
 
 
 def _shown(value: Any) -> str:

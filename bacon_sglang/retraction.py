@@ -16,7 +16,8 @@ had never been retracted::
         [L, t]                    generated tokens up to itself (causal)
 
 ``S`` is the shared prefix, ``L`` the prompt length (the row picture:
-``bacon_sglang/compression.py``).
+``bacon_sglang/compression.py``). Ragged keep-sets (uneven policies, ``--kv-layout cells``)
+pad a head that keeps fewer tokens with ``KEEP_PAD``: those places are masked out.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from bacon_sglang.paged import to_device
 from bacon_sglang.scoring import window_attention
+from bacon_sglang.selection import KEEP_PAD
 
 
 @dataclass
@@ -38,10 +40,13 @@ class RecomputedRows:
         rows: ``[G]`` rows of the forward's flat query tensor.
         slots: ``[layers, Hkv, n]`` the KV slots each layer and KV head attends to; their
             last ``G`` are the rows' own tokens, so the rows are a causal window over them.
+        present: ``[layers, Hkv, n]`` False at the padding of ragged keep-sets (its slot
+            is a stand-in, never attended); None: every place is a kept token.
     """
 
     rows: Tensor
     slots: Tensor
+    present: Tensor | None = None
 
     def attend(
         self,
@@ -65,7 +70,9 @@ class RecomputedRows:
         slots = self.slots[layer_id]  # [Hkv, n]
         heads = torch.arange(slots.shape[0], device=slots.device).unsqueeze(1)
         rows = q.index_select(0, self.rows).transpose(0, 1)  # [Hq, G, d]
-        attn = window_attention(rows, k_buffer[slots, heads], scale, logit_cap)  # [Hq, G, n]
+        present = None if self.present is None else self.present[layer_id]
+        keys = k_buffer[slots, heads]
+        attn = window_attention(rows, keys, scale, logit_cap, present)  # [Hq, G, n]
         v = v_buffer[slots, heads].float()  # [Hkv, n, dv]
         v = v.repeat_interleave(attn.shape[0] // v.shape[0], dim=0)  # GQA: [Hq, n, dv]
         return torch.einsum("hgn,hnd->ghd", attn, v)
@@ -85,7 +92,7 @@ def recomputed_rows(
 
     Args:
         keep: ``[layers, Hkv, kept]`` the prompt positions its first prefill kept, in
-            ``[prefix_len, prompt_len)``.
+            ``[prefix_len, prompt_len)``, or ``KEEP_PAD`` past a head's own count.
         prefix_len: ``S``, prompt tokens kept whole.
         row_slots: ``[>= end]`` the request's ``req_to_token`` row.
         q_start: the forward's row of token ``start``.
@@ -99,4 +106,5 @@ def recomputed_rows(
     generated = torch.arange(prompt_len, end, device=device).expand(num_layers, num_kv_heads, -1)
     positions = torch.cat([whole, keep, generated], dim=-1)
     rows = range(q_start + first - start, q_start + end - start)
-    return RecomputedRows(to_device(list(rows), device), row_slots.to(device)[positions])
+    slots = row_slots.to(device)[positions.clamp(min=0)]  # padding: position 0's slot
+    return RecomputedRows(to_device(list(rows), device), slots, positions != KEEP_PAD)

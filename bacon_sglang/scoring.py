@@ -45,7 +45,11 @@ in row-major order."""
 
 
 def window_attention(
-    q_window: Tensor, keys: Tensor, scale: float | None = None, logit_cap: float = 0.0
+    q_window: Tensor,
+    keys: Tensor,
+    scale: float | None = None,
+    logit_cap: float = 0.0,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """Softmax attention of the last ``w`` prompt queries over all ``n`` prompt keys.
 
@@ -56,6 +60,8 @@ def window_attention(
         scale: logit scale, ``1 / sqrt(d)`` when ``None``.
         logit_cap: > 0: logits soft-capped to ``cap * tanh(logit / cap)`` (SGLang's
             ``RadixAttention.logit_cap``).
+        key_mask: ``[Hkv, n]`` bool, False where a key is no key (padding of a head that
+            holds fewer): it gets exactly 0. None: every key is one.
 
     Returns:
         ``[Hq, w, n]`` float32 attention. Causal inside the window: query ``i`` sees keys
@@ -75,6 +81,9 @@ def window_attention(
     rows = torch.arange(w, device=keys.device).unsqueeze(1)
     cols = torch.arange(n, device=keys.device).unsqueeze(0)
     logits.masked_fill_(cols > rows + (n - w), float("-inf"))
+    if key_mask is not None:  # query head i reads KV head i // group
+        absent = ~key_mask.repeat_interleave(num_q_heads // num_kv_heads, dim=0).unsqueeze(1)
+        logits.masked_fill_(absent, float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 

@@ -342,21 +342,32 @@ def demo_section(path: Path) -> str:
     )
 
 
-def soak_section(path: Path) -> str:
+def soak_section(path: Path, cells_path: Path | None = None) -> str:
     record = json.loads(path.read_text())
     runs = ", ".join(f"TP={r['tp']}: {r['requests']} requests" for r in record["runs"])
-    return "\n\n".join(
-        [
-            "## Fault soak",
-            "`python benchmarks/soak.py`: a CPU server with the shipped shapes model, "
-            "`--kv-policy bacon --kv-budget 64 --page-size 16 --chunked-prefill-size 128` and "
-            "SGLang's forced retraction, four clients drawing a seeded mix of image, text, "
-            "long (chunked) and streamed requests, per-request overrides, fuzzed bad overrides "
-            "and malformed images, parallel sampling, aborts at a random moment and greedy "
-            f"control requests ({runs}); {machine_line(record['machine'])}. " + files(path),
-            soak.render(record),
+    parts = [
+        "## Fault soak",
+        "`python benchmarks/soak.py`: a CPU server with the shipped shapes model, "
+        "`--kv-policy bacon --kv-budget 64 --page-size 16 --chunked-prefill-size 128` and "
+        "SGLang's forced retraction, four clients drawing a seeded mix of image, text, "
+        "long (chunked) and streamed requests, per-request overrides, fuzzed bad overrides "
+        "and malformed images, parallel sampling, aborts at a random moment and greedy "
+        f"control requests ({runs}); {machine_line(record['machine'])}. " + files(path),
+        soak.render(record),
+    ]
+    if cells_path is not None:
+        cells = json.loads(cells_path.read_text())
+        runs = ", ".join(f"TP={r['tp']}: {r['requests']} requests" for r in cells["runs"])
+        parts += [
+            "`python benchmarks/soak.py --kv-layout cells`: the same server and mix with "
+            "`--kv-layout cells` (head-granular KV) and `--kv-head-scores` (made-up, uneven "
+            "SparseMM scores: the model ships none); the per-request overrides also draw the "
+            "uneven policies, and compressed controls are added, one per policy "
+            f"({runs}; TP=1 only: cells on TP=2 are not built yet); "
+            f"{machine_line(cells['machine'])}. " + files(cells_path),
+            soak.render(cells),
         ]
-    )
+    return "\n\n".join(parts)
 
 
 def demo_timing() -> str:
@@ -404,6 +415,7 @@ def run_tables() -> dict[Path, str]:
         "kernels_gpu.json": kernel_bench.render,
         "soak.json": soak.render,
         "equal_memory.json": equal_memory.render,
+        "soak_cells.json": soak.render,
         "gpu_kit.json": gpu_kit.render,
         "compression_cost_cpu.json": compression_cost.render,
         "compression_cost_gpu.json": compression_cost.render,
@@ -437,7 +449,7 @@ def results_readme() -> str:
             common.latest_results("compression_cost_cpu.json", "compression_cost_gpu.json")
         ),
         demo_section(common.latest_result("demo_time.json")),
-        soak_section(common.latest_result("soak.json")),
+        soak_section(common.latest_result("soak.json"), *common.latest_results("soak_cells.json")),
     ]
     head = (
         "# Benchmark results\n\n"

@@ -1,9 +1,10 @@
 """Fault soak on the CPU engine: many clients doing what clients do, then the server must be
 whole (on 2 cores: 1 to 12 minutes for 1,000 requests and 6 to 11 for 300 on TP=2, idle to
-loaded cores).
+loaded cores; with --kv-layout cells 28 minutes for 1,000 on cores loaded by other jobs).
 
     python benchmarks/soak.py                       # 1,000 requests, then 300 on TP=2
     python benchmarks/soak.py --requests 100 --tp 1 # a short one
+    python benchmarks/soak.py --kv-layout cells     # the same with cells: soak_cells.json
     python benchmarks/soak.py --report-only         # rewrite soak.md from the JSON
 
 A CPU server with the shipped shapes model, ``--kv-policy bacon --kv-budget 64 --page-size 16
@@ -14,12 +15,23 @@ overrides, fuzzed bad overrides and malformed images (each must be a 4xx), paral
 (``n`` > 1), streamed requests, aborts at a random moment (waiting, mid chunked prefill, mid
 decode), and greedy control requests whose answers are compared with the same request served
 alone before the soak. Bounded in count (``--requests``) and time (``--minutes`` per server).
+Half the control requests (80 to 85 tokens, under the default ``--kv-min-prompt``, 96) are
+served uncompressed next to compressed requests; the others (about 170 tokens, two prefill
+chunks) are compressed: by the server's BACON and by SnapKV.
 
 It reports and checks: no 5xx, the server alive, the control answers equal to their solo
 answers, retracted or not (it also reports how many were retracted), the pool whole at
 idle (``available + evictable == total``, nothing protected), no request holding stashed
-state, and the resident memory of the server's processes after the first and the last
-hundred requests.
+state, no compression failure, and the resident memory of the server's processes after the
+first and the last hundred requests.
+
+``--kv-layout cells`` (``soak_cells.json``): the server also gets ``--kv-layout cells`` and
+``--kv-head-scores`` (made-up, uneven SparseMM scores, :data:`HEAD_SCORES`, in a temporary
+file: the model ships none); the overrides also draw the uneven policies
+(``config.RAGGED_POLICIES``, alone and with other keys; on TP=2 those a tensor-parallel
+server serves: not AdaKV), and the controls gain one compressed control per uneven policy.
+It also checks that no cell is held at idle (``cells_held``, ``cell_slots_held``) and
+reports ``cell_fallbacks`` and the compressed requests by policy.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -40,6 +53,7 @@ from common import machine, markdown_table, results_dir
 from serving import Target, wait_idle
 from serving_client import grid_image
 
+from bacon_sglang.config import RAGGED_POLICIES, policy_problem
 from bacon_sglang.demo import image_data_url
 from bacon_sglang.server import running_server
 
@@ -64,6 +78,18 @@ GOOD_OVERRIDES = (
     {"budget": 48}, {"budget": 128, "window": 16}, {"budget": 0.3}, {"pool_kernel": 3},
     {"prefix_cache": "shared"}, {"policy": "snapkv"}, {"policy": "none"}, {"window": 8},
 )  # fmt: skip
+# With --kv-layout cells the overrides also draw the uneven allocations (served with cells
+# only), alone and with other keys; budgets under the default so that the 80 to 85 tokens of
+# an image request are compressed (the default --kv-min-prompt is budget + window, 96).
+UNEVEN_OVERRIDES = (
+    *({"policy": p, "budget": 48} for p in RAGGED_POLICIES),
+    {"policy": "bacon-pyramidkv", "window": 8}, {"policy": "adakv", "budget": 0.3},
+    {"policy": "bacon-sparsemm", "budget": 40, "prefix_cache": "shared"},
+)  # fmt: skip
+# SparseMM's head scores for the shapes model ([4 layers][2 KV heads], summing to 1), as
+# tests/test_cells_e2e.py's: made up and uneven (the model ships none), written to a temporary
+# visual_heads.json for --kv-head-scores.
+HEAD_SCORES = [[0.25, 0.05], [0.1, 0.15], [0.05, 0.2], [0.15, 0.05]]
 BAD_IMAGES = (
     "data:image/png;base64,not-base64!!",
     "data:image/png;base64," + "iVBORw0KGgo" * 3,
@@ -94,13 +120,52 @@ def generate_body(text: str, image: str | None, max_new: int, override=None, **e
     return body
 
 
-CONTROLS = [generate_body(prompt(q), image_url(100 + i), 12) for i, q in enumerate(QUESTIONS)]
-
-
 WORDS = "one two three four five six seven eight nine ten "
+# 80 to 85 tokens, under the default --kv-min-prompt (96): served uncompressed.
+CONTROLS = [generate_body(prompt(q), image_url(100 + i), 12) for i, q in enumerate(QUESTIONS)]
+# Compressed controls (80 words before the image: about 170 tokens, two prefill chunks): the
+# server's policy (BACON), SnapKV and, with cells, each uneven policy.
+COMPRESSED_CONTROLS = [
+    generate_body(prompt(QUESTIONS[i % len(QUESTIONS)], WORDS * 8), image_url(110 + i), 12, o)
+    for i, o in enumerate([None, {"policy": "snapkv"}, *({"policy": p} for p in RAGGED_POLICIES)])
+]
 
 
-def draw(kind: str, rng: random.Random, i: int) -> tuple[dict, float | None, bool]:
+def served(overrides, layout: str, tp: int) -> list:
+    """``overrides`` without the uneven ones where the server does not serve them (slots;
+    AdaKV on TP > 1)."""
+
+    def policy(o) -> str | None:
+        return o.get("policy") if isinstance(o, dict) else None
+
+    if layout != "cells":
+        return [o for o in overrides if policy(o) not in RAGGED_POLICIES]
+    return [o for o in overrides if policy(o) is None or not policy_problem(policy(o), tp)]
+
+
+def controls(layout: str, tp: int = 1) -> list[dict]:
+    """The greedy control requests of a server with ``--kv-layout layout``, ``tp`` ranks."""
+    compressed = [b["sampling_params"].get("custom_params", {}).get("kv_compression")
+                  for b in COMPRESSED_CONTROLS]  # fmt: skip
+    kept = served(compressed, layout, tp)
+    return CONTROLS + [b for b, o in zip(COMPRESSED_CONTROLS, compressed, strict=True)
+                       if any(o is k for k in kept)]  # fmt: skip
+
+
+def good_overrides(layout: str, tp: int = 1) -> tuple:
+    """The per-request overrides drawn for a server with ``--kv-layout layout``."""
+    return tuple(served(GOOD_OVERRIDES + UNEVEN_OVERRIDES, layout, tp))
+
+
+def uneven(body: dict) -> bool:
+    """Whether ``body`` asks for an uneven allocation (its policy in ``RAGGED_POLICIES``)."""
+    override = body["sampling_params"].get("custom_params", {}).get("kv_compression")
+    return isinstance(override, dict) and override.get("policy") in RAGGED_POLICIES
+
+
+def draw(
+    kind: str, rng: random.Random, i: int, layout: str = "slots", tp: int = 1
+) -> tuple[dict, float | None, bool]:
     """(body, abort after this many seconds or None, whether a 4xx is expected)."""
     image = image_url(rng.randrange(6))
     question = rng.choice(QUESTIONS)
@@ -122,7 +187,8 @@ def draw(kind: str, rng: random.Random, i: int) -> tuple[dict, float | None, boo
     elif kind == "bad_image":
         body = generate_body(text, rng.choice(BAD_IMAGES), max_new)
     else:
-        override = {"override": GOOD_OVERRIDES, "bad_override": BAD_OVERRIDES}.get(kind)
+        overrides = {"override": good_overrides(layout, tp), "bad_override": BAD_OVERRIDES}
+        override = overrides.get(kind)
         extra = {"stream": True} if kind == "stream" else {}
         body = generate_body(text, image, max_new, override and rng.choice(override), **extra)
     return body, None, kind in ("bad_override", "bad_image")
@@ -157,9 +223,13 @@ def server_rss_mb(pid: int) -> float:
     return round(total / 2**20, 1)
 
 
-def soak(base_url: str, pid: int, requests_total: int, seconds: float, seed: int) -> dict:
+def soak(
+    base_url: str, pid: int, requests_total: int, seconds: float, seed: int,
+    layout: str = "slots", tp: int = 1,
+) -> dict:  # fmt: skip
     """Run the mix against a running server; the record of one server configuration."""
-    solo = [send(base_url, body)[1]["output_ids"] for body in CONTROLS]
+    control_bodies = controls(layout, tp)
+    solo = [send(base_url, body)[1]["output_ids"] for body in control_bodies]
     rng = random.Random(seed)
     kinds = list(MIX)
     plan = [rng.choices(kinds, weights=[MIX[k] for k in kinds])[0] for _ in range(requests_total)]
@@ -172,12 +242,16 @@ def soak(base_url: str, pid: int, requests_total: int, seconds: float, seed: int
     def one(i: int) -> dict:
         kind = plan[i]
         if kind == "control":
-            c = i % len(CONTROLS)
-            status, reply = send(base_url, CONTROLS[c])
+            c = i % len(control_bodies)
+            status, reply = send(base_url, control_bodies[c])
             equal = status == 200 and reply["output_ids"] == solo[c]
             retracted = status == 200 and reply["meta_info"].get("num_retractions", 0) > 0
-            return {"kind": kind, "status": status, "control_equal": equal, "retracted": retracted}
-        body, abort_after, expect_4xx = draw(kind, random.Random(seed * 100_003 + i), i)
+            return {
+                "kind": kind, "status": status, "control_equal": equal, "retracted": retracted,
+                "uneven": uneven(control_bodies[c]), **compressions(status, reply),
+            }  # fmt: skip
+        rng = random.Random(seed * 100_003 + i)
+        body, abort_after, expect_4xx = draw(kind, rng, i, layout, tp)
         if abort_after is not None:
             timer = threading.Timer(
                 abort_after,
@@ -186,10 +260,13 @@ def soak(base_url: str, pid: int, requests_total: int, seconds: float, seed: int
                 ),
             )
             timer.start()
-        status, _ = send(base_url, body)
+        status, reply = send(base_url, body)
         if abort_after is not None:
             timer.join()
-        return {"kind": kind, "status": status, "expected_4xx": expect_4xx}
+        return {
+            "kind": kind, "status": status, "expected_4xx": expect_4xx,
+            **compressions(status, reply),
+        }  # fmt: skip
 
     def worker() -> None:
         while time.monotonic() < deadline:
@@ -217,7 +294,7 @@ def soak(base_url: str, pid: int, requests_total: int, seconds: float, seed: int
     mem = wait_idle(Target(base_url, [base_url]))
     rss["last"] = server_rss_mb(pid)
     statuses = Counter(o["status"] for o in outcomes)
-    controls = [o for o in outcomes if o["kind"] == "control"]
+    policies = Counter(p for o in outcomes for p in o.get("policies", ()))
     return {
         "requests": len(outcomes),
         "seconds": round(elapsed, 1),
@@ -229,10 +306,17 @@ def soak(base_url: str, pid: int, requests_total: int, seconds: float, seed: int
         ),
         "bad_accepted": sum(1 for o in outcomes if o.get("expected_4xx") and o["status"] < 400),
         "alive": alive,
-        "controls": len(controls),
-        "controls_equal": sum(o["control_equal"] for o in controls),
-        "controls_retracted": sum(o.get("retracted", False) for o in controls),
-        "controls_changed": sum(1 for o in controls if not o["control_equal"]),
+        **control_summary(outcomes, layout),
+        **(
+            {
+                "cells_held": mem.get("cells_held"),
+                "cell_slots_held": mem.get("cell_slots_held"),
+                "cell_fallbacks": mem.get("cell_fallbacks"),
+                "compressed_by_policy": dict(sorted(policies.items())),
+            }
+            if layout == "cells"
+            else {}
+        ),
         "pool": {k: mem[k] for k in ("total", "available", "evictable", "protected")},
         "stashed_requests": mem.get("stashed_requests"),
         "failures": mem.get("failures"),
@@ -240,6 +324,37 @@ def soak(base_url: str, pid: int, requests_total: int, seconds: float, seed: int
         "retraction_reuses": mem.get("retraction_reuses"),
         "rss_mb": rss,
     }
+
+
+def control_summary(outcomes: list[dict], layout: str) -> dict:
+    """The control requests' counts: every one must equal its solo answer, retracted or
+    not (``controls_changed``, a problem); how many were compressed, retracted, and (cells)
+    sent with an uneven policy."""
+    controls_run = [o for o in outcomes if o["kind"] == "control"]
+    summary = {
+        "controls": len(controls_run),
+        "controls_equal": sum(o["control_equal"] for o in controls_run),
+        "controls_retracted": sum(o.get("retracted", False) for o in controls_run),
+        "controls_changed": sum(1 for o in controls_run if not o["control_equal"]),
+        "controls_compressed": sum(bool(o.get("policies")) for o in controls_run),
+        "controls_compressed_retracted": sum(
+            bool(o.get("policies")) and o.get("retracted", False) for o in controls_run
+        ),
+    }
+    if layout == "cells":
+        summary["controls_uneven"] = sum(o.get("uneven", False) for o in controls_run)
+    return summary
+
+
+def compressions(status: int, reply) -> dict:
+    """What the replies of one request (``n`` of them with parallel sampling) report:
+    ``policies``, the policy of each compressed one."""
+    replies = reply if isinstance(reply, list) else [reply]
+    metas = [r["meta_info"] for r in replies if isinstance(r, dict) and "meta_info" in r]
+    if status != 200 or not metas:
+        return {}
+    return {"policies": [m["kv_compression"].get("policy") for m in metas
+                         if m.get("kv_compression")]}  # fmt: skip
 
 
 def problems(record: dict) -> list[str]:
@@ -260,55 +375,103 @@ def problems(record: dict) -> list[str]:
         out.append(f"pool not whole at idle: {pool}")
     if record["stashed_requests"]:
         out.append(f"{record['stashed_requests']} requests still stashed")
+    if record.get("failures"):
+        out.append(f"{record['failures']} compression failures (served uncompressed)")
+    if record.get("cells_held") or record.get("cell_slots_held"):
+        out.append(
+            f"cells held at idle: {record['cells_held']} cells in "
+            f"{record['cell_slots_held']} cell slots"
+        )
     return out
 
 
-def run(model_path: str, tp: int, requests_total: int, minutes: float, seed: int) -> dict:
-    """Start a server (``--tp-size tp``), soak it, stop it; the record."""
+def run(
+    model_path: str, tp: int, requests_total: int, minutes: float, seed: int,
+    layout: str = "slots",
+) -> dict:  # fmt: skip
+    """Start a server (``--tp-size tp``, ``--kv-layout layout``), soak it, stop it; the
+    record. With cells the server also gets ``--kv-head-scores``: :data:`HEAD_SCORES`,
+    written to a temporary ``visual_heads.json``."""
     flags = [*FLAGS, "--tp-size", str(tp)] if tp > 1 else list(FLAGS)
-    with running_server(model_path, flags, env={**os.environ, **RETRACT_ENV}) as server:
-        record = soak(server.base_url, server.process.pid, requests_total, minutes * 60, seed)
-        record["server_exit_code"] = server.process.poll()
-    return {"tp": tp, "flags": flags, **record, "problems": problems(record)}
+    with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+        server_flags = list(flags)
+        if layout == "cells":
+            scores = Path(tmp) / "visual_heads.json"
+            scores.write_text(json.dumps({"scores": HEAD_SCORES}))
+            flags += ["--kv-layout", "cells", "--kv-head-scores", "visual_heads.json"]
+            server_flags = [*flags[:-1], str(scores)]
+        with running_server(model_path, server_flags, env={**os.environ, **RETRACT_ENV}) as server:
+            record = soak(
+                server.base_url, server.process.pid, requests_total, minutes * 60, seed, layout,
+                tp,
+            )  # fmt: skip
+            record["server_exit_code"] = server.process.poll()
+    extra = {"layout": layout, "head_scores": HEAD_SCORES} if layout == "cells" else {}
+    return {"tp": tp, "flags": flags, **extra, **record, "problems": problems(record)}
 
 
 def render(result: dict) -> str:
-    """The soak's Markdown table."""
+    """The soak's Markdown table (with ``--kv-layout cells``: what cells add)."""
+    cells = any(r.get("layout") == "cells" for r in result["runs"])
     header = (
         "server", "requests", "seconds", "5xx / dropped", "bad inputs refused",
-        "controls equal to solo (retracted)", "pool whole at idle", "stashed at idle",
-        "RSS MiB (first 100 -> last)",
+        "controls equal to solo (retracted)", "compressed controls (retracted)",
+        "pool whole at idle", "stashed at idle", "RSS MiB (first 100 -> last)",
     )  # fmt: skip
+    if cells:
+        header += ("cells held at idle", "cell fallbacks")
     rows = []
     for r in result["runs"]:
         bad = r["by_kind"].get("bad_override", 0) + r["by_kind"].get("bad_image", 0)
         pool = r["pool"]
         whole = pool["available"] + pool["evictable"] == pool["total"] and not pool["protected"]
-        rows.append(
-            (
-                f"TP={r['tp']}",
-                r["requests"],
-                r["seconds"],
-                r["server_errors"],
-                f"{bad - r['bad_accepted']} of {bad}",
-                f"{r['controls_equal']} of {r['controls']} ({r['controls_retracted']})",
-                "yes" if whole else "no",
-                r["stashed_requests"],
-                f"{r['rss_mb'].get('first_100')} -> {r['rss_mb'].get('last')}",
-            )  # fmt: skip
-        )
+        row = (
+            server_name(r),
+            r["requests"],
+            r["seconds"],
+            r["server_errors"],
+            f"{bad - r['bad_accepted']} of {bad}",
+            f"{r['controls_equal']} of {r['controls']} ({r['controls_retracted']})",
+            f"{r.get('controls_compressed', '-')} ({r.get('controls_compressed_retracted', '-')})",
+            "yes" if whole else "no",
+            r["stashed_requests"],
+            f"{r['rss_mb'].get('first_100')} -> {r['rss_mb'].get('last')}",
+        )  # fmt: skip
+        if cells:
+            row += (f"{r['cells_held']} cells, {r['cell_slots_held']} slots", r["cell_fallbacks"])
+        rows.append(row)
     lines = [markdown_table(header, rows)]
     for r in result["runs"]:
         verdict = "; ".join(r["problems"]) or "passed"
-        lines.append(f"\nTP={r['tp']}: {verdict}. Requests by kind: {r['by_kind']}.")
+        lines.append(f"\n{server_name(r)}: {verdict}. Requests by kind: {r['by_kind']}.")
+        if r.get("layout") == "cells":
+            lines.append(
+                f"{r['controls_uneven']} of the {r['controls']} controls were sent with an "
+                f"uneven policy. Compressed requests by policy (from their reports): "
+                f"{r['compressed_by_policy']}; prefills after a retraction that reused a "
+                f"keep-set: {r['retraction_reuses']}."
+            )
     return "\n".join(lines)
+
+
+def server_name(record: dict) -> str:
+    return f"TP={record['tp']}" + (", cells" if record.get("layout") == "cells" else "")
+
+
+def output_name(layout: str) -> str:
+    """``soak.json`` (slots) or ``soak_cells.json``."""
+    return "soak.json" if layout == "slots" else f"soak_{layout}.json"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000, help="per TP=1 server")
     parser.add_argument("--tp-requests", type=int, default=300, help="per TP=2 server")
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--tp", type=int, nargs="+", help="default: 1 2")
+    parser.add_argument(
+        "--kv-layout", choices=("slots", "cells"), default="slots",
+        help="cells: --kv-layout cells, uneven policies drawn too; writes soak_cells.json",
+    )  # fmt: skip
     parser.add_argument("--minutes", type=float, default=30.0, help="cap per server")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
@@ -316,21 +479,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     info = machine()
     out = args.out or results_dir(info)
+    name = output_name(args.kv_layout)
     if args.report_only:
-        result = json.loads((out / "soak.json").read_text())
-        (out / "soak.md").write_text(render(result) + "\n")
+        result = json.loads((out / name).read_text())
+        (out / name).with_suffix(".md").write_text(render(result) + "\n")
         return 0
+    tps = args.tp or [1, 2]
     from bacon_sglang.models.tiny import ensure_tiny_model
 
     model = str(ensure_tiny_model())
-    runs = [
-        run(model, tp, args.requests if tp == 1 else args.tp_requests, args.minutes, args.seed)
-        for tp in args.tp
-    ]
+    count = {tp: args.requests if tp == 1 else args.tp_requests for tp in tps}
+    runs = [run(model, tp, count[tp], args.minutes, args.seed, args.kv_layout) for tp in tps]
     result = {"machine": info, "seed": args.seed, "runs": runs}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "soak.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "soak.md").write_text(render(result) + "\n")
+    (out / name).write_text(json.dumps(result, indent=1) + "\n")
+    (out / name).with_suffix(".md").write_text(render(result) + "\n")
     print(render(result))
     return 1 if any(r["problems"] for r in runs) else 0
 

@@ -49,6 +49,7 @@ from bacon_sglang.kernels import served
 from bacon_sglang.paged import KVIndex, pack_layers, to_device
 from bacon_sglang.patches import cells
 from bacon_sglang.patches import scheduler as scheduler_patch
+from bacon_sglang.selection import KEEP_PAD
 
 _ARG_NAMES = ("q", "k", "v", "layer", "forward_batch")
 
@@ -141,6 +142,7 @@ def compress(runtime, windows: ForwardWindows, scale: float) -> None:
             [c.kept - w for c, w in zip(compressions, window_lens, strict=True)],
             [c.prefix_len for c in compressions], scale, config.pool_kernel,
             head_scores=runtime.head_scores if config.policy in HEAD_SCORE_POLICIES else (),
+            kv_heads=runtime.kv_heads,
         )  # fmt: skip
         sets = served.keep_sets(config.policy, batch)
         if config.policy in RAGGED_POLICIES:
@@ -155,6 +157,11 @@ def compress(runtime, windows: ForwardWindows, scale: float) -> None:
         widths.append([c.kept for c in compressions])
         plans += compressions
     for c in known:  # prefilled again after a retraction: the keep-set its first prefill chose
+        if c.config.policy in RAGGED_POLICIES:
+            keep = c.keep.unsqueeze(1)  # [L, 1, Hkv, W]
+            pieces.append(CellKeep.from_padded(keep, (keep != KEEP_PAD).sum(-1), [c.cells]))
+            ragged.append(c)
+            continue
         keeps.append(c.keep.unsqueeze(1))
         widths.append([c.kept])
         plans.append(c)

@@ -5,10 +5,12 @@ runs the same batches (SGLang broadcasts the requests from rank 0). Each rank sc
 compacts its own heads, but the kept length is per request, not per head, so the slots a
 compressed request keeps, the slots it frees and its decode position offset must be the
 same on every rank: they all derive from the request's config, its prompt and shared-prefix
-lengths and the allocator's state, which SGLang keeps identical across TP ranks. Nothing
-rank-local enters them; :func:`assert_tp_ranks_agree` checks it after every extend batch
-(one gloo all-gather of a few integers per request on the TP group's CPU group), and
-:func:`all_ranks` gathers every rank's pool accounting for ``/server_info``.
+lengths and the allocator's state, which SGLang keeps identical across TP ranks (with
+``--kv-layout cells``, the cell slots of the rank with most cells, which every rank computes
+on the host: ``scheduler.store_in_cells``). Nothing rank-local enters them;
+:func:`assert_tp_ranks_agree` checks it after every extend batch (one gloo all-gather of a
+few integers per request on the TP group's CPU group), and :func:`all_ranks` gathers every
+rank's pool accounting for ``/server_info``.
 """
 
 from __future__ import annotations

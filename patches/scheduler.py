@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from bacon_sglang.cells import kept_cells
+from bacon_sglang.cells import kept_cells, rank_heads
 from bacon_sglang.compression import RequestCompression, WindowQueries, plan_request
 from bacon_sglang.config import (
     HEAD_SCORE_POLICIES,
@@ -74,6 +74,9 @@ class RetainedKeep:
     prompt_len: int  # the prompt, generated tokens excluded
     prefix_len: int
     keep: torch.Tensor  # [num_layers, Hkv, kept] positions in [prefix_len, prompt_len)
+    # (ragged keep-sets: KEEP_PAD past a head's own count)
+    cells: int = 0  # C of the prompt with --kv-layout cells (host-known), else 0
+    rank_cells: tuple[int, ...] = ()  # with tensor parallelism: every rank's C_r
 
 
 @dataclass
@@ -108,6 +111,9 @@ class Runtime:
     cell_requests: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
     head_scores: tuple[tuple[float, ...], ...] = ()  # --kv-head-scores (SparseMM), [L][Hkv]
     tp_size: int = 1
+    tp_rank: int = 0
+    # with tensor parallelism: the model's KV heads of every rank (this one's: ``kv_heads``)
+    tp_heads: tuple[range, ...] = ()
 
     def policy(self, config: CompressionConfig) -> Policy:
         key = (config.policy, config.pool_kernel)
@@ -115,6 +121,11 @@ class Runtime:
             scores = self.head_scores if config.policy in HEAD_SCORE_POLICIES else ()
             self.policies[key] = make_policy(config.policy, config.pool_kernel, scores)
         return self.policies[key]
+
+    @property
+    def kv_heads(self) -> range | None:
+        """The model's KV heads this rank's pool holds (None: all, one process)."""
+        return self.tp_heads[self.tp_rank] if self.tp_heads else None
 
 
 RUNTIME: Runtime | None = None
@@ -195,6 +206,7 @@ def after_scheduler_init(result, scheduler, server_args, *args, **kwargs):
             f"--kv-policy {config.policy}{layout} cannot be used with: {', '.join(problems)}. "
             "Remove those options or use --kv-policy none."
         )
+    tp = tensor_parallel(scheduler, kv_pool, config)
     RUNTIME = Runtime(
         config=config,
         req_to_token_pool=scheduler.req_to_token_pool,
@@ -205,15 +217,42 @@ def after_scheduler_init(result, scheduler, server_args, *args, **kwargs):
         num_kv_heads=kv_pool.head_num,
         counters=make_counters() if getattr(server_args, "enable_metrics", False) else None,
         context_len=scheduler.model_config.context_len,
-        head_scores=head_scores(config, kv_pool.layer_num),
-        tp_size=getattr(server_args, "tp_size", 1) or 1,
+        head_scores=head_scores(
+            config, kv_pool.layer_num, scheduler.model_config.get_total_num_kv_heads()
+        ),
+        **tp,
     )
     return result
 
 
-def head_scores(config: CompressionConfig, num_layers: int) -> tuple[tuple[float, ...], ...]:
+def tensor_parallel(scheduler, kv_pool, config: CompressionConfig) -> dict:
+    """``tp_size``, ``tp_rank`` and, with ``--kv-layout cells``, ``tp_heads`` of the
+    :class:`Runtime`. Every rank plans the cells of every rank from the model's heads each
+    holds, so their split must be the one :func:`bacon_sglang.cells.rank_heads` predicts."""
+    from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    size = int(getattr(scheduler.server_args, "tp_size", 1) or 1)
+    if size <= 1:
+        return {"tp_size": 1}
+    rank = get_tensor_model_parallel_rank()
+    if config.layout != "cells":
+        return {"tp_size": size, "tp_rank": rank}
+    total = scheduler.model_config.get_total_num_kv_heads()
+    heads = tuple(rank_heads(r, size, total) for r in range(size))
+    if len(heads[rank]) != kv_pool.head_num:
+        raise RuntimeError(
+            f"--kv-layout cells: TP rank {rank} holds {kv_pool.head_num} KV heads, expected "
+            f"{len(heads[rank])} of {total} over {size} ranks"
+        )
+    return {"tp_size": size, "tp_rank": rank, "tp_heads": heads}
+
+
+def head_scores(
+    config: CompressionConfig, num_layers: int, num_kv_heads: int | None = None
+) -> tuple[tuple[float, ...], ...]:
     """``--kv-head-scores``: SparseMM's ``[L][Hkv of the model]`` scores, read once (empty
-    without the flag); a file that is missing or does not fit the model stops the launch."""
+    without the flag); a file that is missing or does not fit the model (``num_layers``,
+    ``num_kv_heads``: all its KV heads, also under tensor parallelism) stops the launch."""
     if not config.head_scores:
         return ()
     try:
@@ -224,6 +263,11 @@ def head_scores(config: CompressionConfig, num_layers: int) -> tuple[tuple[float
         raise RuntimeError(
             f"--kv-head-scores {config.head_scores}: {len(scores)} layers of scores for a "
             f"model of {num_layers}"
+        )
+    if num_kv_heads is not None and any(len(row) != num_kv_heads for row in scores):
+        raise RuntimeError(
+            f"--kv-head-scores {config.head_scores}: rows of {sorted({len(r) for r in scores})} "
+            f"heads for a model of {num_kv_heads} KV heads"
         )
     return scores
 
@@ -299,9 +343,6 @@ def replay_entry(
     (served uncompressed, counted as a failure) when its shared prefix changed meanwhile, so
     the old keep-set no longer applies."""
     retained: RetainedKeep = req.bacon_keep
-    if config.policy in RAGGED_POLICIES:  # not built: reapplying padded, ragged keep-sets
-        record_failure(runtime, req, "retraction", f"{config.policy}'s keep-sets not reapplied")
-        return None
     req.skip_radix_cache_insert = True
     prefix_len = kept_whole(runtime, req, config, copy)
     if prefix_len != retained.prefix_len:
@@ -330,7 +371,9 @@ def reuse_compression(
     runtime: Runtime, req, config: CompressionConfig, full_len: int, copy: bool
 ) -> RequestCompression | None:
     """The compression of a retracted request's last forward: the prompt keeps what its
-    first prefill chose (``req.bacon_keep``), the generated tokens are kept whole."""
+    first prefill chose (``req.bacon_keep``), the generated tokens are kept whole (with
+    cells: ``G`` more cells in every (layer, head), after its prompt's; a ragged keep-set's
+    padding stays where it was, ``CellKeep.from_padded`` skips it)."""
     retained: RetainedKeep = req.bacon_keep
     prefix_len = retained.prefix_len
     slots = runtime.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :full_len].clone()
@@ -344,7 +387,7 @@ def reuse_compression(
         cached_len=req.kv.cache_protected_len,
     )  # fmt: skip
     if config.layout == "cells":  # the generated tokens become cells of every (layer, head)
-        c.store_in_cells()
+        store_again_in_cells(c, retained, full_len - retained.prompt_len)
     if copy or c.cells:
         c.copy_slots = radix_cache.alloc_copy(runtime.tree_cache, c.new_len - prefix_len)
         if c.copy_slots is None:
@@ -488,15 +531,7 @@ def plan_cells(runtime: Runtime, req, c: RequestCompression) -> RequestCompressi
     fresh, in either prefix-cache mode (evicting LRU cache if needed). None when even that
     leaves no room: the request is served uncompressed (counted in ``cell_fallbacks``; the
     two-launch in-place variant of ``patches/head_granular.md`` 4.7 is not built)."""
-    if c.config.policy in RAGGED_POLICIES:  # C from the allocation, on the host
-        c.store_in_cells(
-            kept_cells(
-                c.policy, c.prompt_len, c.prefix_len, c.kept, c.config.window,
-                runtime.num_layers, runtime.num_kv_heads,
-            )
-        )  # fmt: skip
-    else:
-        c.store_in_cells()
+    store_in_cells(runtime, c)
     c.copy_slots = radix_cache.alloc_copy(runtime.tree_cache, c.cell_slots)
     if c.copy_slots is not None:
         return c
@@ -504,6 +539,34 @@ def plan_cells(runtime: Runtime, req, c: RequestCompression) -> RequestCompressi
     runtime.cell_fallbacks += 1
     logger.info("bacon-sglang: no room for the cell slots of %s: served uncompressed", req.rid)
     return None
+
+
+def store_in_cells(runtime: Runtime, c: RequestCompression) -> None:
+    """``c`` stored head-granular: its cells ``C`` counted on the host from the allocation
+    (``cells.kept_cells``; uniform policies: ``L * Hkv * kept``). With tensor parallelism
+    every rank counts every rank's ``C_r`` (the heads each holds, SparseMM's scores of all
+    of them), so that all allocate the same ``m``, the largest rank's (``cell_slots``)."""
+    if c.config.policy not in RAGGED_POLICIES:
+        per_rank = [runtime.num_layers * len(heads) * c.kept for heads in runtime.tp_heads]
+        c.store_in_cells(None, per_rank)
+        return
+    per_rank = [
+        kept_cells(
+            c.policy, c.prompt_len, c.prefix_len, c.kept, c.config.window, runtime.num_layers,
+            heads,
+        )
+        for heads in runtime.tp_heads or (range(runtime.num_kv_heads),)
+    ]  # fmt: skip
+    c.store_in_cells(per_rank[runtime.tp_rank], per_rank if runtime.tp_heads else ())
+
+
+def store_again_in_cells(c: RequestCompression, retained: RetainedKeep, generated: int) -> None:
+    """``c`` of a request prefilled again after a retraction, stored head-granular: the cells
+    its first prefill counted (every rank's ``C_r`` with tensor parallelism), then its
+    ``generated`` tokens in every (layer, KV head) of each rank."""
+    num_layers, num_kv_heads, _ = c.keep.shape  # the rank's heads (every rank holds as many)
+    more = num_layers * num_kv_heads * generated
+    c.store_in_cells(retained.cells + more, [r + more for r in retained.rank_cells])
 
 
 def capped_prefix_match(result: int, req, input_len: int) -> int:
@@ -552,6 +615,8 @@ def dump_keep_sets(c: RequestCompression, rid: str, retracted: bool = False) -> 
         "prefix_len": c.prefix_len,
         "prompt_len": c.prompt_len,
         "kept": c.kept,
+        "cells": c.cells,  # this rank's C (0: slots layout)
+        "cell_slots": c.cell_slots if c.cells else 0,
     }
     # With --tp-size N each rank holds (and writes the keep-sets of) its own KV heads.
     tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
@@ -597,13 +662,14 @@ def apply_plan(runtime: Runtime, batch, entries: list[PlanEntry]) -> None:
         req.kv.kv_committed_len = c.new_len
         req.bacon_position_offset = c.evicted
         if entry.generated == 0:  # a retracted request is compacted to the same tokens
-            req.bacon_keep = RetainedKeep(c.prompt_len, c.prefix_len, c.keep)
+            req.bacon_keep = RetainedKeep(c.prompt_len, c.prefix_len, c.keep, c.cells, c.rank_cells)
         # After a retraction the report is the prompt's, as at its first prefill: the
         # tokens generated before it are no prompt, kept whole, never counted as kept.
         generated_cells = entry.generated * runtime.num_layers * runtime.num_kv_heads
         prompt_only = dataclasses.replace(
             c, prompt_len=c.prompt_len - entry.generated, kept=c.kept - entry.generated,
             cells=c.cells - generated_cells if c.cells else 0,
+            rank_cells=tuple(n - generated_cells for n in c.rank_cells),
         )  # fmt: skip
         stats = prompt_only.stats(ps, tree_tokens)
         if req.customized_info is None:
@@ -659,7 +725,7 @@ def place_copy(runtime: Runtime, req, c: RequestCompression, generated: int) -> 
         runtime.req_to_token_pool, req, c.prefix_len, c.copy_slots[: c.new_len - c.prefix_len]
     )
     if c.cells:
-        runtime.cell_requests[req] = (c.cells, c.cell_slots)
+        runtime.cell_requests[req] = (c.all_cells, c.cell_slots)
     return tree_tokens
 
 
@@ -739,7 +805,8 @@ def stashed_requests(runtime: Runtime | None, scheduler) -> int:
 def cells_held(runtime: Runtime | None) -> dict[str, int]:
     """``cells_held`` and ``cell_slots_held``: the cells (C) and cell slots (m) of the
     requests whose rows hold cells now (``--kv-layout cells``); 0 at idle. A request that
-    gave its row back (finished, aborted, retracted) is dropped here."""
+    gave its row back (finished, aborted, retracted) is dropped here. With tensor
+    parallelism, as the per-request report: the cells of every rank, the slots of each."""
     if runtime is None:
         return {"cells_held": 0, "cell_slots_held": 0}
     for req in [r for r in runtime.cell_requests if not r.kv.holds_kv]:

@@ -2,7 +2,9 @@
 backend in Triton's interpreter on CPU, which builds ``kv_indptr`` / ``kv_indices`` from
 ``req_to_token`` and the shortened ``seq_lens`` before every forward (``torch_native`` reads
 the rows directly). On a CUDA machine (``benchmarks/gpu_check.py``): Triton, FlashInfer and
-FA3 with decode CUDA graphs, and one breakable prefill graph. The same checks as
+FA3 with decode CUDA graphs, and one breakable prefill graph. On both, Triton with
+``--kv-layout cells`` (head-granular KV: SGLang's decode over the rows, then the cells'
+decode launch over them; on a GPU inside the captured decode graph). The same checks as
 ``tests/test_compression_e2e.py`` (keep-sets equal to the transformers reference, greedy
 decode equal to the reduced-cache reference, pool integrity) on a small prompt set:
 interpreted Triton attention is slow."""
@@ -53,11 +55,14 @@ class Config:
         return args["--kv-policy"], int(args["--kv-budget"])
 
 
+CELLS = ("--kv-layout", "cells")  # patches/head_granular.md, step 6
+
 # The overlap scheduler stays on (SGLang's default) everywhere.
 if cpu_engine():  # Triton interpreted on CPU; SGLang's CPU engine has no decode graphs
     CONFIGS = {
         "triton-page1": Config("triton", tuple(BACON_64)),
         "triton-page16-chunked": Config("triton", tuple(SNAPKV_96_PAGED_CHUNKED)),
+        "triton-cells-page1": Config("triton", tuple(BACON_64), extra=CELLS),
     }
 else:  # a CUDA machine (benchmarks/gpu_check.py): decode CUDA graphs on (SGLang's default)
     CONFIGS = {
@@ -67,6 +72,8 @@ else:  # a CUDA machine (benchmarks/gpu_check.py): decode CUDA graphs on (SGLang
             "flashinfer", tuple(SNAPKV_96_PAGED_CHUNKED), "bfloat16"
         ),
         "fa3-page1": Config("fa3", tuple(BACON_64), "bfloat16"),
+        # head-granular KV: its decode launch inside SGLang's captured decode graphs
+        "triton-cells-page1": Config("triton", tuple(BACON_64), extra=CELLS),
         # SGLang turns the breakable prefill graph off for Qwen2-VL unless asked for.
         "flashinfer-breakable-prefill": Config(
             "flashinfer", tuple(BACON_64), "bfloat16",
@@ -160,6 +167,8 @@ def test_compressed_decode_matches_reference(server, processor, hf_model, hf_eag
         report = reply["meta_info"]["kv_compression"]
         assert report["budget"] == budget
         assert report["kept_tokens"] == report["shared_prefix_tokens"] + budget
+        if "cells" in server.config.extra:  # uniform: L x Hkv x budget cells in budget slots
+            assert (report["layout"], report["cell_slots"]) == ("cells", budget)
         record = torch.load(server.debug_dir / f"{reply['meta_info']['id']}.pt")
         expected = reference_keep_sets(hf_eager, processor, text, img, policy, record)
         tokens, logprobs = served_tokens(reply)

@@ -13,6 +13,7 @@ from bacon_sglang.cells import (
     cell_decode,
     cell_offsets,
     pack_cells,
+    rank_heads,
     slots_needed,
 )
 from bacon_sglang.selection import KEEP_PAD
@@ -34,6 +35,37 @@ def test_cells_fill_their_slots_without_overlap(seed):
     assert all(slot < m) and (m == 0 or (m - 1) * layers * heads < total)
     flat = (slot * layers + layer) * heads + head
     assert flat.unique().numel() == total  # a bijection onto the first C of m x L x H
+
+
+@pytest.mark.parametrize(
+    ("kv_heads", "tp", "split"),
+    [
+        (2, 2, [[0], [1]]),
+        (4, 2, [[0, 1], [2, 3]]),
+        (2, 4, [[0], [0], [1], [1]]),
+        (3, 1, [[0, 1, 2]]),
+    ],
+)
+def test_each_tp_rank_holds_the_heads_sglang_gives_it(kv_heads, tp, split):
+    """``Hkv / tp`` consecutive heads per rank, or one head shared by ``tp / Hkv`` ranks
+    (SGLang's ``QKVParallelLinear``)."""
+    assert [list(rank_heads(r, tp, kv_heads)) for r in range(tp)] == split
+
+
+def test_tp_ranks_hold_the_largest_ranks_cell_slots():
+    """Under TP every rank allocates ``m`` of the rank with most cells; the report counts
+    the cells of every rank, the slots of one, and lists each rank's ``C_r``."""
+    from bacon_sglang.compression import plan_request
+    from bacon_sglang.config import CompressionConfig
+    from bacon_sglang.policies import make_policy
+
+    config = CompressionConfig("bacon-pyramidkv", 64, layout="cells")
+    c = plan_request(config, make_policy(config.policy), 300, 0, torch.arange(300), 4, 1)
+    c.store_in_cells(200, [200, 330])  # rank 0 of 2: 4 x 1 cells a slot
+    assert (c.cells, c.cell_slots, c.all_cells) == (200, 83, 530)
+    report = c.stats()
+    assert (report["cells"], report["cell_slots"], report["rank_cells"]) == (530, 83, [200, 330])
+    assert report["slot_equivalent"] == 530 / 8 and report["kept_tokens"] == 83
 
 
 @pytest.mark.parametrize(("q_heads", "kv_heads", "dim"), [(2, 2, 16), (4, 2, 32), (7, 1, 64)])

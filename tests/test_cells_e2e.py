@@ -252,19 +252,22 @@ def test_shared_prefix_mode_frees_the_prompt(server, processor, hf_model, hf_eag
 
 
 @PAGE1_ONLY
-def test_retracted_requests_answer_as_if_never_retracted(server, processor):
+@pytest.mark.parametrize("policy", [None, "bacon-sparsemm"])  # the server's BACON; uneven
+def test_retracted_requests_answer_as_if_never_retracted(server, processor, policy):
     """SGLang's forced retraction: two concurrent requests stored in cells are retracted
     and prefilled again; the prefill after a retraction stores the first keep-set and the
-    tokens generated so far in cells again, and each request answers the tokens it answers
-    alone (never retracted), its report the prompt's."""
+    tokens generated so far in cells again (a ragged keep-set too: each head its own count,
+    then every generated token), and each request answers the tokens it answers alone
+    (never retracted), its report the prompt's."""
     questions = ("Describe the picture.", "Which shape is red?")
     texts = [chat_prompt(processor, q) for q in questions]
-    img = demo_image().rotate(90)
+    img = demo_image().rotate(90 if policy is None else 180)
+    override = None if policy is None else {"policy": policy}
     reuses = kv_memory(server.base_url)["retraction_reuses"]
     replies = [None] * len(texts)
 
     def send(i: int) -> None:
-        replies[i] = generate(server.base_url, texts[i], img, 12)
+        replies[i] = generate(server.base_url, texts[i], img, 12, override)
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(texts))]
     for t in threads:
@@ -274,12 +277,34 @@ def test_retracted_requests_answer_as_if_never_retracted(server, processor):
     assert kv_memory(server.base_url)["retraction_reuses"] > reuses
     assert any(r["meta_info"]["num_retractions"] for r in replies)
     for text, reply in zip(texts, replies, strict=True):
-        report = assert_cells_report(reply, server.budget)
-        assert report["prompt_tokens"] == reply["meta_info"]["prompt_tokens"]
-        alone = generate(server.base_url, text, img, 12)
+        meta = reply["meta_info"]
+        if policy is None:
+            report = assert_cells_report(reply, server.budget)
+        else:
+            report = meta["kv_compression"]
+            first = torch.load(server.debug_dir / f"{meta['id']}.pt")
+            counts = (first["keep"] != KEEP_PAD).sum(-1)
+            assert len(counts.unique()) > 1 and report["cells"] == int(counts.sum())
+            if meta["num_retractions"]:
+                assert_ragged_keep_again(server.debug_dir / f"{meta['id']}.retracted.pt", first)
+        assert report["prompt_tokens"] == meta["prompt_tokens"]
+        alone = generate(server.base_url, text, img, 12, override)
         assert alone["meta_info"]["num_retractions"] == 0
-        assert reply["output_ids"] == alone["output_ids"], reply["meta_info"]["num_retractions"]
+        assert reply["output_ids"] == alone["output_ids"], meta["num_retractions"]
     assert_idle(server.base_url)
+
+
+def assert_ragged_keep_again(path, first: dict) -> None:
+    """The keep-sets of the prefill after a retraction (``<rid>.retracted.pt``): every
+    (layer, head) keeps what its first prefill kept, then every generated token."""
+    last = torch.load(path)
+    generated = torch.arange(first["prompt_len"], last["prompt_len"])
+    assert len(generated) > 0
+    for layer in range(LAYERS):
+        for h in range(KV_HEADS):
+            row, was = last["keep"][layer, h], first["keep"][layer, h]
+            want = torch.cat([was[was != KEEP_PAD], generated])
+            assert torch.equal(row[row != KEEP_PAD], want), (layer, h)
 
 
 def test_no_request_fell_back_to_uncompressed(server):

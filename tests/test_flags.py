@@ -120,15 +120,17 @@ def test_launch_with_bogus_policy_exits_quickly():
     ("policy", "tp_size", "message"),
     [
         ("adakv", 2, "adakv with --tp-size > 1 (its split between KV heads spans the ranks)"),
-        ("bacon-sparsemm", 2, "bacon-sparsemm with --tp-size > 1"),
+        ("bacon-adakv", 2, "bacon-adakv with --tp-size > 1 (its split between KV heads"),
+        ("bacon-sparsemm", 2, None),
+        ("pyramidkv", 2, None),
         ("bacon-adakv", 1, None),
         ("bacon", 2, None),
     ],
 )
 def test_uneven_policies_per_request_are_refused_where_not_served(policy, tp_size, message):
     """A per-request override naming an uneven allocation: a 400 on a slots server (the
-    config's refusal) or with tensor parallelism (AdaKV, and the others until the ranks agree
-    on cell slots); accepted on a one-process cells server."""
+    config's refusal) or, for AdaKV, with tensor parallelism (its split spans the ranks);
+    accepted on a cells server otherwise (PyramidKV and SparseMM under TP too)."""
     from bacon_sglang.patches.tokenizer_manager import validate_override
 
     params = {"custom_params": {"kv_compression": {"policy": policy}}}
@@ -155,6 +157,9 @@ def test_head_scores_are_read_once_and_must_fit_the_model(tmp_path):
     assert head_scores(CompressionConfig("bacon", 64), 2) == ()
     with pytest.raises(RuntimeError, match="2 layers of scores for a model of 4"):
         head_scores(config, 4)
+    assert head_scores(config, 2, 2) == ((0.5, 0.1), (0.1, 0.3))
+    with pytest.raises(RuntimeError, match=r"rows of \[2\] heads for a model of 4 KV heads"):
+        head_scores(config, 2, 4)
     missing = CompressionConfig("sparsemm", 64, layout="cells", head_scores=str(tmp_path / "x"))
     with pytest.raises(RuntimeError, match="unreadable"):
         head_scores(missing, 2)

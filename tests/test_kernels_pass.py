@@ -231,7 +231,7 @@ def _hook_setup(gen, layers, device):
     pool = SimpleNamespace(k_buffer=[torch.cat([k, pad]).to(device) for k in keys],
                            v_buffer=[torch.cat([v, pad]).to(device) for v in values])  # fmt: skip
     runtime = SimpleNamespace(
-        plan=plan, forward=None, num_layers=layers, kv_pool=pool, compacting=False
+        plan=plan, forward=None, num_layers=layers, kv_pool=pool, compacting=False, kv_heads=None
     )
     return runtime, [q.to(device) for q in qs], references, (heads, dim), keys
 

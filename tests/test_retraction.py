@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bacon_sglang.retraction import recomputed_rows
+from bacon_sglang.selection import KEEP_PAD
 
 LAYERS, HQ, HKV, D = 3, 4, 2, 8
 
@@ -23,8 +24,11 @@ def decode_reference(q_row, k_pool, v_pool, slots_per_head, scale):
     return torch.stack(outs)
 
 
+@pytest.mark.parametrize("ragged", [False, True])  # uniform; heads keeping 1 to 5 tokens
 @pytest.mark.parametrize("start", [0, 20, 23])  # whole prefill; chunks starting inside
-def test_generated_rows_attend_to_the_kept_kv_as_their_decode_did(start):
+def test_generated_rows_attend_to_the_kept_kv_as_their_decode_did(start, ragged):
+    """Every recomputed row equals one SDPA decode step over exactly the KV its layer and
+    head kept; with ragged keep-sets the ``KEEP_PAD`` places are no keys."""
     gen = torch.Generator().manual_seed(3)
     prefix, prompt, end, kept = 4, 20, 26, 5
     row = torch.randperm(64, generator=gen)[:end]  # the request's req_to_token row
@@ -33,6 +37,11 @@ def test_generated_rows_attend_to_the_kept_kv_as_their_decode_did(start):
                      for _ in range(HKV)])
         for _ in range(LAYERS)
     ])  # fmt: skip
+    if ragged:  # layer l, head h keeps kept - (l + 2 * h) % kept tokens, then KEEP_PAD
+        for layer in range(LAYERS):
+            for h in range(HKV):
+                keep[layer, h, kept - (layer + 2 * h) % kept :] = KEEP_PAD
+        assert len((keep != KEEP_PAD).sum(-1).unique()) > 1
     k_pool = torch.randn(64, HKV, D, generator=gen)
     v_pool = torch.randn(64, HKV, D, generator=gen)
     q = torch.randn(7 + end - start, HQ, D, generator=gen)  # 7 rows of another request first
@@ -41,8 +50,9 @@ def test_generated_rows_attend_to_the_kept_kv_as_their_decode_did(start):
     for layer in range(LAYERS):
         got = rows.attend(layer, q, k_pool, v_pool, scale=0.3)
         for g, t in enumerate(range(max(start, prompt), end)):
+            kept_h = [keep[layer, h][keep[layer, h] != KEEP_PAD] for h in range(HKV)]
             slots = [
-                row[torch.cat([torch.arange(prefix), keep[layer, h], torch.arange(prompt, t + 1)])]
+                row[torch.cat([torch.arange(prefix), kept_h[h], torch.arange(prompt, t + 1)])]
                 for h in range(HKV)
             ]
             want = decode_reference(q[7 + t - start], k_pool, v_pool, slots, 0.3)
