@@ -352,7 +352,8 @@ def soak_section(path: Path, cells_path: Path | None = None) -> str:
         "SGLang's forced retraction, four clients drawing a seeded mix of image, text, "
         "long (chunked) and streamed requests, per-request overrides, fuzzed bad overrides "
         "and malformed images, parallel sampling, aborts at a random moment and greedy "
-        f"control requests ({runs}); {machine_line(record['machine'])}. " + files(path),
+        "control requests, uncompressed and compressed (BACON, SnapKV), each checked against "
+        f"its solo answer ({runs}); {machine_line(record['machine'])}. " + files(path),
         soak.render(record),
     ]
     if cells_path is not None:
@@ -362,8 +363,8 @@ def soak_section(path: Path, cells_path: Path | None = None) -> str:
             "`python benchmarks/soak.py --kv-layout cells`: the same server and mix with "
             "`--kv-layout cells` (head-granular KV) and `--kv-head-scores` (made-up, uneven "
             "SparseMM scores: the model ships none); the per-request overrides also draw the "
-            "uneven policies, and compressed controls are added, one per policy "
-            f"({runs}; TP=1 only: cells on TP=2 are not built yet); "
+            "uneven policies (on TP=2 not AdaKV, which a tensor-parallel server refuses), and "
+            f"a compressed control is added per uneven policy ({runs}); "
             f"{machine_line(cells['machine'])}. " + files(cells_path),
             soak.render(cells),
         ]
@@ -488,6 +489,8 @@ def summary() -> str:
         "paper table": page + anchor("Quality: the paper's table (4 base methods x base/+BACON)"),
         "evidence": page + anchor("Evidence retention on synthetic attention"),
         "prefix reuse": page + anchor("Prefix-cache reuse: follow-up questions and chat turns"),
+        "equal memory": page
+        + anchor("Quality at equal memory: head-granular KV (`--kv-layout cells`)"),
     }
     policies = ["none", "snapkv", "bacon"]
     budget = srv["config"]["budget"]
@@ -570,8 +573,46 @@ def summary() -> str:
         },
         "prefix reuse",
     )
+    found = common.latest_results("equal_memory.json")
+    if found:
+        equal_memory_lines(json.loads(found[0].read_text()), line)
     header = ["2 CPU cores, tiny Qwen2-VL", "full cache", "SnapKV", "BACON", "table"]
     return common.markdown_table(header, rows)
+
+
+def equal_memory_lines(record: dict, line) -> None:
+    """The summary's head-granular lines: exact match at the memory of uniform budget 64
+    (each base method, without and with BACON), and the capacity at equal accuracy."""
+    rows = {(r["method"], r["level"]): r for r in record["rows"]}
+    level = 64 if any(k[1] == 64 for k in rows) else record["levels"][0]
+    bases = ("snapkv", "adakv", "sparsemm")
+
+    def exact(method: str) -> str:
+        r = rows.get((method, level))
+        return "-" if r is None else f"{r['exact_match']:.3f}"
+
+    line(
+        f"exact match, document task, memory of budget {level}, cells: SnapKV / AdaKV / SparseMM",
+        {
+            "none": f"{rows[('full', None)]['exact_match']:.3f}",
+            "snapkv": " / ".join(exact(b) for b in bases),
+            "bacon": " / ".join(exact(f"bacon-{b}") for b in bases),
+        },
+        "equal memory",
+    )
+    cap = {r["why"]: r for r in record.get("capacity", [])}
+    if "uniform" in cap and "head-granular" in cap:
+        pool = cap["full"]["pool_tokens"]
+        uniform, ragged = cap["uniform"], cap["head-granular"]
+        line(
+            f"requests decoding at once in {pool} slots, at most 2 points below the full "
+            f"cache (BACON: {uniform['policy']} / {ragged['policy']})",
+            {
+                "none": str(cap["full"]["max_running"]),
+                "bacon": f"{uniform['max_running']} / {ragged['max_running']}",
+            },
+            "equal memory",
+        )
 
 
 def with_block(readme: str, name: str, text: str) -> str:
