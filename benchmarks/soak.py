@@ -1,6 +1,6 @@
 """Fault soak on the CPU engine: many clients doing what clients do, then the server must be
 whole (on 2 cores: 1 to 12 minutes for 1,000 requests and 6 to 11 for 300 on TP=2, idle to
-loaded cores; with --kv-layout cells 28 minutes for 1,000 on cores loaded by other jobs).
+loaded cores; with --kv-layout cells 12 to 28 minutes for 1,000 on cores shared with other jobs).
 
     python benchmarks/soak.py                       # 1,000 requests, then 300 on TP=2
     python benchmarks/soak.py --requests 100 --tp 1 # a short one
