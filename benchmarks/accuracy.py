@@ -72,6 +72,21 @@ def rid_of(policy: str, budget: int | None, index: int) -> str:
     return f"{policy}-{budget or 0}-{index}"
 
 
+def request_body(
+    s: vqa.VQASample, policy: str | None, budget: int | None, max_new: int, **sampling
+) -> dict:
+    """A greedy ``/generate`` body of ``s`` (its image when it has one), ``policy`` and
+    ``budget`` overriding the server's when given; ``sampling``: more sampling parameters."""
+    sampling = {"max_new_tokens": max_new, "temperature": 0, **sampling}
+    if policy is not None:
+        override = {"policy": policy} if budget is None else {"policy": policy, "budget": budget}
+        sampling["custom_params"] = {"kv_compression": override}
+    body = {"text": batches.prompt(s), "sampling_params": sampling}
+    if s.image is not None:
+        body["image_data"] = image_data_url(s.image)
+    return body
+
+
 def serve_one(
     base_url: str,
     s: vqa.VQASample,
@@ -81,15 +96,9 @@ def serve_one(
 ) -> tuple[str, dict]:
     """One greedy ``/generate`` request (``policy``/``budget`` override the server's when
     given); returns ``(answer text, meta_info)``."""
-    sampling = {"max_new_tokens": MAX_NEW, "temperature": 0}
-    if policy is not None:
-        override = {"policy": policy} if budget is None else {"policy": policy, "budget": budget}
-        sampling["custom_params"] = {"kv_compression": override}
-    body = {"text": batches.prompt(s), "sampling_params": sampling}
+    body = request_body(s, policy, budget, MAX_NEW)
     if rid is not None:
         body["rid"] = rid
-    if s.image is not None:
-        body["image_data"] = image_data_url(s.image)
     reply = requests.post(base_url + "/generate", json=body, timeout=600)
     reply.raise_for_status()
     out = reply.json()

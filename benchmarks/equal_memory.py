@@ -42,15 +42,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import accuracy
 import paper_table
 import serving_report
 from common import latest_result, machine, markdown_table, progress, results_dir, task_record
 from paper_table import BASES, mcnemar, wilson
-from serving import burst_size, server_env
+from serving import Target, burst_size, flush_cache, server_env
 from serving_client import Sampler, run_closed_loop
 
-from bacon_sglang.demo import image_data_url
-from bacon_sglang.models import batches, visual_heads, vqa
+from bacon_sglang.models import visual_heads, vqa
 from bacon_sglang.server import running_server
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ LEVELS = (256, 128, 64, 48)
 METHODS = ("full", *paper_table.method_names())
 UNIFORM = ("snapkv", "bacon-snapkv")
 WITHIN = 0.02  # "equal accuracy": exact match at most 2 points below the full cache
-MAX_NEW = paper_table.MAX_NEW
 POOL = 8192
 
 
@@ -79,16 +78,7 @@ def report_of(meta: dict) -> dict | None:
 
 def body(sample: vqa.VQASample, method: str, level: int | None, max_new: int, **extra) -> dict:
     """A greedy ``/generate`` body of one test page with the method's per-request override."""
-    sampling = {"max_new_tokens": max_new, "temperature": 0, **extra}
-    override = {"policy": server_policy(method)}
-    if level is not None:
-        override["budget"] = level
-    sampling["custom_params"] = {"kv_compression": override}
-    return {
-        "text": batches.prompt(sample),
-        "image_data": image_data_url(sample.image),
-        "sampling_params": sampling,
-    }
+    return accuracy.request_body(sample, server_policy(method), level, max_new, **extra)
 
 
 def cells_server_args(model_path: Path, *extra: str) -> list[str]:
@@ -104,8 +94,6 @@ def cells_server_args(model_path: Path, *extra: str) -> list[str]:
 def serve_table(args, samples, pairs) -> dict:
     """Every ``(method, level)`` pair on every sample: ``{(method, level): [(answer,
     report)]}``, in sample order."""
-    import requests
-
     flags = cells_server_args(
         args.model_path, "--disable-radix-cache", "--max-total-tokens", "16384"
     )
@@ -113,16 +101,13 @@ def serve_table(args, samples, pairs) -> dict:
 
     def one(url: str, job) -> tuple[str, dict | None]:
         method, level, i = job
-        reply = requests.post(url + "/generate", json=body(samples[i], method, level, MAX_NEW),
-                              timeout=1800)  # fmt: skip
-        reply.raise_for_status()
-        out = reply.json()
-        report = report_of(out["meta_info"])
+        text, meta = accuracy.serve_one(url, samples[i], server_policy(method), level)
+        report = report_of(meta)
         if (report is None) != (method == "full"):
             raise RuntimeError(f"{job}: compression report {report}")
         if report is not None and report.get("layout") != "cells":
             raise RuntimeError(f"{job}: not stored in cells: {report}")
-        return out["text"], report
+        return text, report
 
     with running_server(args.model_path, flags, env=server_env(1)) as server:
         start = time.perf_counter()
@@ -244,7 +229,7 @@ def run_capacity(args, configs: list[dict]) -> list[dict]:
                         ignore_eos=True), "stream": True}
                 for s in pages
             ]  # fmt: skip
-            requests_post_flush(url)
+            flush_cache(Target(url, [url]))
             with Sampler(url) as sampler:
                 results = run_closed_loop(url, bodies, burst)
             errors = [r.error for r in results if r.error]
@@ -263,13 +248,6 @@ def run_capacity(args, configs: list[dict]) -> list[dict]:
     for row in rows:
         row["vs_full"] = row["max_running"] / full
     return rows
-
-
-def requests_post_flush(url: str) -> None:
-    """Empty the radix tree between bursts (SGLang refuses while requests run)."""
-    import requests
-
-    requests.post(url + "/flush_cache", timeout=60)
 
 
 def cell(row: dict | None, with_memory: bool = True) -> str:

@@ -131,25 +131,26 @@ COMPRESSED_CONTROLS = [
 ]
 
 
+def override_of(body: dict):
+    """The per-request ``kv_compression`` override of ``body``, or None."""
+    return body["sampling_params"].get("custom_params", {}).get("kv_compression")
+
+
+def policy_of(override) -> str | None:
+    return override.get("policy") if isinstance(override, dict) else None
+
+
 def served(overrides, layout: str, tp: int) -> list:
     """``overrides`` without the uneven ones where the server does not serve them (slots;
     AdaKV on TP > 1)."""
-
-    def policy(o) -> str | None:
-        return o.get("policy") if isinstance(o, dict) else None
-
     if layout != "cells":
-        return [o for o in overrides if policy(o) not in RAGGED_POLICIES]
-    return [o for o in overrides if policy(o) is None or not policy_problem(policy(o), tp)]
+        return [o for o in overrides if policy_of(o) not in RAGGED_POLICIES]
+    return [o for o in overrides if policy_of(o) is None or not policy_problem(policy_of(o), tp)]
 
 
 def controls(layout: str, tp: int = 1) -> list[dict]:
     """The greedy control requests of a server with ``--kv-layout layout``, ``tp`` ranks."""
-    compressed = [b["sampling_params"].get("custom_params", {}).get("kv_compression")
-                  for b in COMPRESSED_CONTROLS]  # fmt: skip
-    kept = served(compressed, layout, tp)
-    return CONTROLS + [b for b, o in zip(COMPRESSED_CONTROLS, compressed, strict=True)
-                       if any(o is k for k in kept)]  # fmt: skip
+    return CONTROLS + [b for b in COMPRESSED_CONTROLS if served([override_of(b)], layout, tp)]
 
 
 def good_overrides(layout: str, tp: int = 1) -> tuple:
@@ -159,8 +160,7 @@ def good_overrides(layout: str, tp: int = 1) -> tuple:
 
 def uneven(body: dict) -> bool:
     """Whether ``body`` asks for an uneven allocation (its policy in ``RAGGED_POLICIES``)."""
-    override = body["sampling_params"].get("custom_params", {}).get("kv_compression")
-    return isinstance(override, dict) and override.get("policy") in RAGGED_POLICIES
+    return policy_of(override_of(body)) in RAGGED_POLICIES
 
 
 def draw(

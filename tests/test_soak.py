@@ -93,10 +93,9 @@ def test_servers_are_sent_what_they_serve():
     """Uneven policies only to a cells server, AdaKV not to a tensor-parallel one."""
 
     def policies(layout: str, tp: int) -> set:
-        bodies = soak.controls(layout, tp)
-        overrides = [b["sampling_params"].get("custom_params", {}).get("kv_compression")
-                     for b in bodies] + list(soak.good_overrides(layout, tp))  # fmt: skip
-        return {o.get("policy") for o in overrides if isinstance(o, dict)} - {None}
+        overrides = [soak.override_of(b) for b in soak.controls(layout, tp)]
+        overrides += soak.good_overrides(layout, tp)
+        return {soak.policy_of(o) for o in overrides} - {None}
 
     assert policies("slots", 1) == {"snapkv", "none"}
     assert policies("cells", 1) == {"snapkv", "none", *RAGGED_POLICIES}
